@@ -1,0 +1,116 @@
+"""The storage protocol a backend implements, and the choice of backend from a path.
+
+A backend only knows arrays, strings and JSON attributes; the schema lives in :mod:`.store`. Arrays returned
+by :meth:`Backend.array` support numpy slicing for reading and writing (``a[i:j]``, ``a[i:j] = x``), which
+both ``zarr.Array`` and ``h5py.Dataset`` do natively.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+
+from mimprobe.errors import UserError
+
+HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
+FORMATS = ("zarr", "hdf5")
+
+
+def is_url(path: str) -> bool:
+    return "://" in str(path)
+
+
+def infer_format(path: str, fmt: str | None = None) -> str:
+    if fmt is not None:
+        if fmt not in FORMATS:
+            raise UserError(f"--format {fmt!r}: choose zarr or hdf5")
+        return fmt
+    return "hdf5" if str(path).lower().endswith(HDF5_SUFFIXES) else "zarr"
+
+
+class Backend(ABC):
+    """One store container (a zarr group or an HDF5 file)."""
+
+    path: str
+
+    @classmethod
+    @abstractmethod
+    def create(cls, path: str, overwrite: bool = False) -> "Backend": ...
+
+    @classmethod
+    @abstractmethod
+    def open(cls, path: str, mode: str = "r") -> "Backend": ...
+
+    @staticmethod
+    @abstractmethod
+    def exists(path: str) -> bool: ...
+
+    @staticmethod
+    @abstractmethod
+    def remove(path: str) -> None: ...
+
+    @abstractmethod
+    def create_array(self, name: str, shape: tuple, dtype, chunks: tuple) -> None:
+        """Pre-allocate an uncompressed array chunked along its first axis (``dtype=str`` for strings)."""
+
+    @abstractmethod
+    def array(self, name: str) -> Any: ...
+
+    @abstractmethod
+    def has(self, name: str) -> bool: ...
+
+    @abstractmethod
+    def read_strings(self, name: str, start: int = 0, stop: int | None = None) -> list[str]: ...
+
+    @abstractmethod
+    def get_attrs(self) -> dict: ...
+
+    @abstractmethod
+    def set_attrs(self, attrs: dict) -> None:
+        """Replace the JSON attributes (only one process may call this)."""
+
+    def flush(self) -> None:
+        """Make what was written so far durable before a ``done`` flag is set."""
+
+    def clean_partial(self) -> int:
+        """Remove leftovers of an interrupted write; returns how many were removed."""
+        return 0
+
+    @abstractmethod
+    def size_on_disk(self) -> int: ...
+
+    def close(self) -> None:
+        pass
+
+
+def backend_class(fmt: str) -> type[Backend]:
+    if fmt == "zarr":
+        from mimprobe.cache_store.zarr_backend import ZarrBackend
+
+        return ZarrBackend
+    from mimprobe.cache_store.hdf5_backend import HDF5Backend
+
+    return HDF5Backend
+
+
+def allocated_bytes(path: str) -> int:
+    """Bytes a local file or directory tree really occupies (sparse regions not counted)."""
+    if os.path.isfile(path):
+        st = os.stat(path)
+        return min(st.st_size, st.st_blocks * 512)
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            st = os.stat(os.path.join(root, f))
+            total += min(st.st_size, st.st_blocks * 512)
+    return total
+
+
+def as_str_list(a) -> list[str]:
+    out = np.asarray(a)
+    if out.dtype.kind == "S" or (out.dtype == object and len(out) and isinstance(out[0], bytes)):
+        return [x.decode("utf-8") for x in out]
+    return [str(x) for x in out]

@@ -1,0 +1,46 @@
+"""What ``mimprobe info`` shows about a store."""
+
+from __future__ import annotations
+
+from mimprobe.cache_store.store import TokenStore
+
+
+def weights_line(model: dict) -> str:
+    w = model.get("weights")
+    if w == "pretrained":
+        return f"pretrained ({model.get('hf_hub_id') or model.get('tag') or 'timm default'})"
+    if w == "checkpoint":
+        return f"checkpoint {model.get('checkpoint')} (sha256 {str(model.get('checkpoint_sha256'))[:12]})"
+    return "RANDOM INIT (--no-pretrained): not the model's real features"
+
+
+def describe(store: TokenStore) -> list[tuple[str, str]]:
+    a = store.attrs
+    m, ds, pp = a["model"], a.get("dataset", {}), a.get("preprocessing", {})
+    done = store.done()
+    n_cls = ds.get("num_classes", 0)
+    rows = [
+        ("store", f"{store.path} ({store.format})"),
+        ("model", f"{m['name']} ({m['architecture']}, {m['num_blocks']} blocks, patch {m['patch_size'][0]}, "
+                  f"{m['img_size'][0]}x{m['img_size'][1]} px)"),
+        ("weights", weights_line(m)),
+        ("dataset", f"{ds.get('source')} {ds.get('root')}" + (f" [{ds['split']}]" if ds.get("split") else "")
+         + f", {n_cls} classes"),
+        ("samples (N)", str(store.num_samples)),
+        ("tokens (T)", f"{store.num_tokens} = {m['num_prefix_tokens']} prefix + {m['num_patches']} patch"),
+        ("prefix tokens", f"{m['num_prefix_tokens']} ({'[cls]' if m.get('has_class_token') else 'no [cls]'}"
+                          + (f" + {m['num_reg_tokens']} registers" if m.get("num_reg_tokens") else "") + ")"),
+        ("dim (D)", str(store.dim)),
+        ("dtype", a["dtype"] + (f" ({a['quantization']['scheme']})" if a.get("quantization") else "")),
+        ("blocks", ", ".join(str(k) for k in store.layers) + " (tokens = last block, before the final norm)"),
+        ("final norm", (f"{m['final_norm']['kind']} from model.{m['final_norm']['module']} (stored; --final-norm)"
+                        if m.get("final_norm") else "none")),
+        ("views", str(store.num_views) if store.num_views else "center crop only"),
+        ("preprocessing", f"{pp.get('input_size')} {pp.get('interpolation')} crop_pct={pp.get('crop_pct')} "
+                          f"mean={pp.get('mean')} std={pp.get('std')}"),
+        ("chunks", f"{int(done.sum())}/{store.num_chunks} done ({store.chunk_rows} rows each)"),
+        ("complete", "yes" if store.complete else "no"),
+        ("skipped", str(len(a.get("skipped", [])))),
+        ("size on disk", f"{store.size_on_disk() / 1e9:.3f} GB"),
+    ]
+    return rows

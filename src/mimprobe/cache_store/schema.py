@@ -1,0 +1,148 @@
+"""The one store schema shared by every backend: array names, storage dtypes, chunk sizing, identity.
+
+A store holds, for N samples (rows, in a seeded random permutation of the dataset):
+
+=====================  ===============  ===========================================================
+name                   shape            meaning
+=====================  ===============  ===========================================================
+``tokens``             (N, T, D)        last block, all prefix + patch tokens, before the final norm
+``scales``             (N, T, D/32)     int8 stores only: one float16 scale per 32 channels
+``blocks/{k}``         (N, T, D)        block k (0-based) when ``--layers`` asks for more blocks
+``views/{v}``          (N, T, D)        augmented training view v when ``--views K``
+``labels``             (N,)             int64, -1 where unknown
+``sample_ids``         (N,)             str: path relative to the dataset root, or the dataset index
+``valid``              (N,)             bool: False for samples skipped as unreadable
+``done``               (n_chunks,)      uint8: 1 once every array's chunk c is durably written
+``final_norm/weight``  (D,)             float32 parameters of the model's final norm (and ``bias``)
+=====================  ===============  ===========================================================
+
+plus JSON attributes (see :func:`identity_diff` for the ones that identify an extraction).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mimprobe.cache_store import quant
+
+SCHEMA_VERSION = 1
+TARGET_CHUNK_BYTES = 16 * 2**20  # DESIGN.md: chunks of ~8-32 MB, whole samples only
+
+DTYPES = ("float16", "bfloat16", "float32", "int8")
+
+# Attributes that must agree for a resumed run to continue an existing store (dotted paths into attrs).
+IDENTITY_KEYS = (
+    "model.name",
+    "model.weights",
+    "model.checkpoint_sha256",
+    "model.img_size",
+    "model.num_prefix_tokens",
+    "preprocessing",
+    "dataset.content_hash",
+    "dataset.num_samples",
+    "dtype",
+    "layers",
+    "views",
+    "chunk_rows",
+    "permutation_seed",
+)
+
+
+def scales_name(array: str) -> str:
+    """Name of the int8 scale array that belongs to ``array``."""
+    return "scales" if array == "tokens" else f"{array}_scales"
+
+
+@dataclass(frozen=True)
+class TokenCodec:
+    """How float tokens are stored for one dtype, and how they come back as float32."""
+
+    dtype: str
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+
+    @property
+    def storage_dtype(self) -> np.dtype:
+        # bfloat16 has no zarr/HDF5 dtype: its bits are stored as uint16 and the real dtype is in attrs
+        return np.dtype({"float16": "f2", "bfloat16": "u2", "float32": "f4", "int8": "i1"}[self.dtype])
+
+    @property
+    def quantized(self) -> bool:
+        return self.dtype == "int8"
+
+    def bytes_per_row(self, num_tokens: int, dim: int) -> int:
+        n = num_tokens * dim * self.storage_dtype.itemsize
+        if self.quantized:
+            n += num_tokens * quant.num_groups(dim) * 2
+        return n
+
+    def encode(self, x: torch.Tensor) -> dict[str, np.ndarray]:
+        """float (B, T, D) tensor → the arrays to store: ``{"values": ..., ["scales": ...]}``."""
+        x = x.detach()
+        if self.dtype == "float16":
+            return {"values": x.to(torch.float16).cpu().numpy()}
+        if self.dtype == "float32":
+            return {"values": x.to(torch.float32).cpu().numpy()}
+        if self.dtype == "bfloat16":
+            return {"values": x.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)}
+        q, s = quant.quantize(x)
+        return {"values": q.cpu().numpy(), "scales": s.cpu().numpy()}
+
+    def to_torch(self, values: np.ndarray) -> torch.Tensor:
+        """Stored array → tensor in its compact dtype (zero copy where possible)."""
+        t = torch.from_numpy(np.ascontiguousarray(values))
+        if self.dtype == "bfloat16":
+            return t.view(torch.int16).view(torch.bfloat16)
+        return t
+
+    def decode(self, values: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
+        """Compact tensor from :meth:`to_torch` (on any device) → float32."""
+        if self.quantized:
+            return quant.dequantize(values, scales)
+        return values.float()
+
+
+def chunk_rows_for(bytes_per_row: int, n: int, target: int = TARGET_CHUNK_BYTES) -> int:
+    """Rows per chunk so one chunk of one array is about ``target`` bytes (never more rows than samples)."""
+    rows = max(1, target // max(1, bytes_per_row))
+    if rows >= 64:
+        rows -= rows % 16
+    return int(max(1, min(rows, n)))
+
+
+def _get(d: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
+
+
+def identity_diff(old: dict, new: dict) -> list[str]:
+    """The identity attributes that differ, as ``'key: old != new'`` strings (empty when they agree)."""
+    out = []
+    for key in IDENTITY_KEYS:
+        a, b = _get(old, key), _get(new, key)
+        if _normalize(a) != _normalize(b):
+            out.append(f"{key}: {_short(a)} != {_short(b)}")
+    return out
+
+
+def _normalize(v):
+    if isinstance(v, (list, tuple)):
+        return [_normalize(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _normalize(x) for k, x in v.items()}
+    if isinstance(v, float):
+        return round(v, 9)
+    return v
+
+
+def _short(v) -> str:
+    s = repr(v)
+    return s if len(s) <= 60 else s[:57] + "..."

@@ -1,0 +1,129 @@
+"""zarr v3 backend: a group directory (or an fsspec URL), uncompressed arrays, one object per chunk.
+
+Facts it respects (DESIGN.md, reference/storage.md): ``compressors=None`` (the v3 default zstd costs 2-4x
+throughput for ~1.07x on fp16), ``write_empty_chunks=True`` (otherwise all-zero chunks are never written and
+"chunk exists" stops meaning "chunk was written"), strings as the v3 variable-length UTF-8 type, and stray
+``*.partial`` files of a killed writer removed on resume.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import zarr
+
+from mimprobe.cache_store.backend import Backend, allocated_bytes, as_str_list, is_url
+from mimprobe.errors import UserError
+
+ARRAY_CONFIG = {"write_empty_chunks": True}
+
+
+def _fsspec(path: str):
+    """(filesystem, path inside it) for a URL; a clear error when its fsspec backend is missing."""
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(path)
+    except (ImportError, ValueError) as e:
+        scheme = path.split("://", 1)[0]
+        raise UserError(
+            f"{path}: no filesystem for '{scheme}://' ({e}); install its fsspec backend (e.g. s3fs, gcsfs)"
+        ) from None
+
+
+class ZarrBackend(Backend):
+    def __init__(self, group: zarr.Group, path: str):
+        self.group = group
+        self.path = path
+
+    # --- container -----------------------------------------------------------------------------------
+    @staticmethod
+    def exists(path: str) -> bool:
+        if is_url(path):
+            fs, p = _fsspec(path)
+            return fs.exists(p.rstrip("/") + "/zarr.json")
+        return os.path.exists(os.path.join(path, "zarr.json"))
+
+    @staticmethod
+    def remove(path: str) -> None:
+        if is_url(path):
+            fs, p = _fsspec(path)
+            if fs.exists(p):
+                fs.rm(p, recursive=True)
+        elif os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+
+    @classmethod
+    def create(cls, path: str, overwrite: bool = False) -> "ZarrBackend":
+        if is_url(path):
+            _fsspec(path)
+        else:
+            os.makedirs(path, exist_ok=True)
+        g = zarr.open_group(path, mode="w" if overwrite else "a", zarr_format=3)
+        return cls(g, path)
+
+    @classmethod
+    def open(cls, path: str, mode: str = "r") -> "ZarrBackend":
+        if is_url(path):
+            _fsspec(path)
+        try:
+            g = zarr.open_group(path, mode=mode, zarr_format=3)
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeNotFoundError):
+            raise UserError(f"{path}: not a mimprobe store (no zarr group there)") from None
+        return cls(g, path)
+
+    # --- arrays --------------------------------------------------------------------------------------
+    def create_array(self, name, shape, dtype, chunks):
+        is_str = dtype is str
+        self.group.create_array(
+            name,
+            shape=shape,
+            dtype=str if is_str else np.dtype(dtype),
+            chunks=chunks,
+            compressors=None,
+            fill_value="" if is_str else 0,
+            config=ARRAY_CONFIG,
+            overwrite=True,
+        )
+
+    def array(self, name):
+        return self.group[name]
+
+    def has(self, name):
+        try:
+            self.group[name]
+            return True
+        except KeyError:
+            return False
+
+    def read_strings(self, name, start=0, stop=None):
+        return as_str_list(self.group[name][start:stop])
+
+    # --- attributes ----------------------------------------------------------------------------------
+    def get_attrs(self):
+        return dict(self.group.attrs)
+
+    def set_attrs(self, attrs):
+        self.group.attrs.put(attrs)
+
+    # --- housekeeping --------------------------------------------------------------------------------
+    def clean_partial(self):
+        if is_url(self.path):
+            return 0
+        n = 0
+        for root, _dirs, files in os.walk(self.path):
+            for f in files:
+                if f.endswith(".partial"):
+                    os.remove(os.path.join(root, f))
+                    n += 1
+        return n
+
+    def size_on_disk(self):
+        if is_url(self.path):
+            fs, p = _fsspec(self.path)
+            return int(fs.du(p))
+        return allocated_bytes(self.path)

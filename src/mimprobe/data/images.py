@@ -1,0 +1,35 @@
+"""Decoding one image file into an RGB PIL image, whatever mode it is stored in."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+# ~ a 16k x 10k image; beyond that PIL's decompression-bomb guard is a real protection, not a nuisance
+Image.MAX_IMAGE_PIXELS = 178_956_970
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode → RGB. Alpha is dropped (as timm/torchvision loaders do); 16/32-bit and float images are
+    scaled to 8 bits instead of being clipped; palette images with transparency go through RGBA."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        if mode.startswith("I;16"):
+            a = a / 257.0
+        else:
+            lo, hi = float(a.min()), float(a.max())
+            a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode == "P" and "transparency" in img.info:
+        return img.convert("RGBA").convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(path: str) -> Image.Image:
+    """Open and fully decode ``path`` (so a truncated file fails here, not later) as RGB."""
+    with Image.open(path) as img:
+        img.load()
+        return to_rgb(img)

@@ -1,0 +1,52 @@
+"""A background thread that writes finished chunks, so the forward pass never waits on the disk."""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+import numpy as np
+import torch
+
+from mimprobe.cache_store.store import TokenStore
+
+
+class ChunkWriter:
+    """Bounded queue of finished chunks → ``store.write_chunk`` then ``store.mark_done`` (in that order)."""
+
+    def __init__(self, store: TokenStore, max_pending: int = 2):
+        self.store = store
+        self.q: queue.Queue = queue.Queue(maxsize=max_pending)
+        self.error: BaseException | None = None
+        self.written: list[int] = []
+        self.thread = threading.Thread(target=self._run, name="mimprobe-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            if self.error is not None:
+                continue  # drain without writing after a failure
+            c, arrays, valid = item
+            try:
+                self.store.write_chunk(c, arrays, valid)
+                self.store.mark_done(c)
+                self.written.append(c)
+            except BaseException as e:  # re-raised in the main thread
+                self.error = e
+
+    def put(self, c: int, arrays: dict[str, torch.Tensor], valid: np.ndarray) -> None:
+        self._check()
+        self.q.put((c, arrays, valid))
+
+    def close(self) -> None:
+        """Wait until every queued chunk is written; raise the writer's error if it had one."""
+        self.q.put(None)
+        self.thread.join()
+        self._check()
+
+    def _check(self):
+        if self.error is not None:
+            raise self.error

@@ -91,11 +91,17 @@ def info(store: str = typer.Argument(..., help="a store made by `mimprobe extrac
         typer.echo(f"{k:<{width}}  {v}")
 
 
+class _StderrHandler(logging.Handler):
+    """Notes go to whatever ``sys.stderr`` is at the time (so captured output in tests sees them)."""
+
+    def emit(self, record):
+        print(self.format(record), file=sys.stderr)
+
+
 def main() -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
     logger = logging.getLogger("mimprobe")
-    logger.addHandler(handler)
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        logger.addHandler(_StderrHandler())
     logger.setLevel(logging.INFO)
     logger.propagate = False
     try:

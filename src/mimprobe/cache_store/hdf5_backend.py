@@ -65,8 +65,10 @@ class HDF5Backend(Backend):
             raise UserError(f"{path}: cannot open as HDF5 ({e})") from None
 
     def create_array(self, name, shape, dtype, chunks):
-        dt = h5py.string_dtype("utf-8") if dtype is str else np.dtype(dtype)
-        self.f.create_dataset(name, shape=shape, dtype=dt, chunks=chunks, dcpl=_dcpl())
+        if dtype is str:  # written whole when the store is created; HDF5 needs a fill value for VL strings
+            self.f.create_dataset(name, shape=shape, dtype=h5py.string_dtype("utf-8"), chunks=chunks)
+        else:
+            self.f.create_dataset(name, shape=shape, dtype=np.dtype(dtype), chunks=chunks, dcpl=_dcpl())
 
     def array(self, name):
         return self.f[name]

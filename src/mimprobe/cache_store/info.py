@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from mimprobe.cache_store.store import TokenStore
+from mimprobe.fmt import human_bytes
 
 
 def weights_line(model: dict) -> str:
@@ -41,6 +42,6 @@ def describe(store: TokenStore) -> list[tuple[str, str]]:
         ("chunks", f"{int(done.sum())}/{store.num_chunks} done ({store.chunk_rows} rows each)"),
         ("complete", "yes" if store.complete else "no"),
         ("skipped", str(len(a.get("skipped", [])))),
-        ("size on disk", f"{store.size_on_disk() / 1e9:.3f} GB"),
+        ("size on disk", human_bytes(store.size_on_disk())),
     ]
     return rows

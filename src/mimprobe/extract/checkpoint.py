@@ -50,11 +50,17 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     except UserError:
         raise
     except pickle.UnpicklingError as e:
-        raise UserError(f"--checkpoint {path}: refused by torch.load(weights_only=True) ({str(e).splitlines()[0]}); "
-                        "re-save it as a plain state_dict or .safetensors") from None
+        raise UserError(f"--checkpoint {path}: cannot be loaded with torch.load(weights_only=True) "
+                        f"({_first_line(e)}): corrupt, or a pickle holding code; re-save its state_dict as "
+                        ".safetensors or .pth") from None
     except Exception as e:  # corrupt or truncated files raise many different types
-        raise UserError(f"--checkpoint {path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        raise UserError(f"--checkpoint {path}: unreadable ({type(e).__name__}: {_first_line(e)})") from None
     return unwrap(sd, path)
+
+
+def _first_line(e: BaseException, limit: int = 120) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def unwrap(sd, path: str = "checkpoint") -> dict[str, torch.Tensor]:
@@ -93,7 +99,7 @@ def load_into(model: nn.Module, model_name: str, sd: dict[str, torch.Tensor], pa
             sd = fn(sd, model)
         except Exception as e:
             raise UserError(f"--checkpoint {path}: does not fit {model_name} ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''})") from None
+                            f"{_first_line(e)})") from None
     own = model.state_dict()
     mismatched = [f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in sd.items()
                   if k in own and tuple(v.shape) != tuple(own[k].shape)]

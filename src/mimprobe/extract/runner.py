@@ -26,6 +26,7 @@ from mimprobe.cache_store.backend import infer_format
 from mimprobe.data.sources import open_source
 from mimprobe.distributed import all_gather_object, barrier, init_distributed, resolve_device, run_on_main
 from mimprobe.errors import UserError
+from mimprobe.fmt import human_bytes
 from mimprobe.extract.backbone import Backbone, block_tokens, load_backbone
 from mimprobe.extract.dataset import ExtractDataset, chunk_batches
 from mimprobe.extract.writer import ChunkWriter
@@ -73,9 +74,8 @@ class ExtractResult:
     def summary(self) -> str:
         if self.status == "already complete":
             return f"{self.path}: already complete ({self.num_samples} samples); nothing to do"
-        gb = self.size_on_disk / 1e9
         return (f"{self.path}: {self.status}, {self.num_samples} samples, {self.chunks_done}/{self.num_chunks} "
-                f"chunks, {gb:.3f} GB on disk; this run {self.rows_this_run} images in {self.seconds:.1f} s "
+                f"chunks, {human_bytes(self.size_on_disk)} on disk; this run {self.rows_this_run} images in {self.seconds:.1f} s "
                 f"({self.images_per_second:.1f} img/s), {self.skipped} skipped")
 
 
@@ -218,11 +218,14 @@ def extract(model: str, data: str, store_path: str, opts: ExtractOptions | None 
 
     done = store.done()
     todo = [c for c in range(store.num_chunks) if c % ctx.world == ctx.rank and not done[c]]
+    spans = [(c, *store.chunk_bounds(c)) for c in todo]
+    store.close()  # re-opened for writing once the decode workers exist, so they never inherit its handle
     bb.model.to(device)
     t0 = time.perf_counter()
     reasons: dict[int, str] = {}
-    n_rows = _run_chunks(store, bb, source, rows, todo, opts, layers, device, reasons)
+    n_rows = _run_chunks(store_path, fmt, spans, bb, source, rows, opts, layers, device, reasons)
     seconds = time.perf_counter() - t0
+    store = TokenStore.open(store_path, "r+" if ctx.is_main else "r", fmt)
 
     all_reasons = {}
     for part in all_gather_object(ctx, reasons):
@@ -247,10 +250,9 @@ def extract(model: str, data: str, store_path: str, opts: ExtractOptions | None 
     return result
 
 
-def _run_chunks(store, bb, source, rows, todo, opts, layers, device, reasons) -> int:
-    if not todo:
+def _run_chunks(path, fmt, spans, bb, source, rows, opts, layers, device, reasons) -> int:
+    if not spans:
         return 0
-    spans = [(c, *store.chunk_bounds(c)) for c in todo]
     batches = chunk_batches(spans, opts.batch_size)
     dataset = ExtractDataset(source, rows, bb.data_config, views=opts.views, seed=opts.seed)
     workers = opts.workers if opts.workers is not None else min(8, os.cpu_count() or 1)
@@ -263,6 +265,8 @@ def _run_chunks(store, bb, source, rows, todo, opts, layers, device, reasons) ->
     transfer = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(opts.dtype, torch.float32)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
+    batch_iter = iter(loader)  # starts (forks) the decode workers
+    store = TokenStore.open(path, "r+", fmt)
     writer = ChunkWriter(store)
     span_iter = iter(spans)
     cur_c, cur_a, cur_b = next(span_iter)
@@ -274,7 +278,7 @@ def _run_chunks(store, bb, source, rows, todo, opts, layers, device, reasons) ->
                disable=True if opts.quiet else None, dynamic_ncols=True)
     try:
         with torch.inference_mode():
-            for batch in loader:
+            for batch in batch_iter:
                 ok = batch["ok"].numpy().astype(bool)
                 if not ok.all():
                     for r, good, why in zip(batch["row"].tolist(), ok, batch["reason"]):
@@ -310,4 +314,5 @@ def _run_chunks(store, bb, source, rows, todo, opts, layers, device, reasons) ->
         writer.close()
     finally:
         bar.close()
+        store.close()
     return n_rows

@@ -1,0 +1,113 @@
+"""Shared fixtures: tiny image folders written by the tests, tiny timm ViTs saved as local checkpoints."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download; fail fast instead of retrying
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+TINY = "vit_tiny_patch16_224"
+
+
+def write_image_folder(root, classes=("a", "b", "c"), per_class=8, seed=0, sizes=((40, 52), (64, 64), (33, 70))):
+    rng = np.random.default_rng(seed)
+    for ci, c in enumerate(classes):
+        os.makedirs(os.path.join(root, c), exist_ok=True)
+        for i in range(per_class):
+            h, w = sizes[(ci + i) % len(sizes)]
+            a = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+            ext = "png" if i % 2 else "jpg"
+            Image.fromarray(a).save(os.path.join(root, c, f"img{i:03d}.{ext}"))
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory):
+    return write_image_folder(tmp_path_factory.mktemp("images"))
+
+
+def save_checkpoint(model, path):
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    else:
+        torch.save({"model": {f"module.{k}": v for k, v in model.state_dict().items()}, "epoch": 3}, str(path))
+    return str(path)
+
+
+def make_model(name=TINY, img_size=32, seed=0, **kw):
+    torch.manual_seed(seed)
+    return timm.create_model(name, pretrained=False, num_classes=0, img_size=img_size, **kw).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """A random-init vit_tiny at 32 px saved the way training code saves (wrapped, module. prefix)."""
+    return save_checkpoint(make_model(), tmp_path_factory.mktemp("ckpt") / "tiny.pth")
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """Run the command line in-process: returns (exit code, stdout, stderr)."""
+    from mimprobe.cli import main
+
+    def run(*args):
+        monkeypatch.setattr(sys, "argv", ["mimprobe", *map(str, args)])
+        code = 0
+        try:
+            main()
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def synthetic_store(path, tokens, labels, *, chunk_rows=16, dtype="float16", num_prefix_tokens=1, class_names=None,
+                    model_name="synthetic", ids=None, valid=None, views=None, blocks=None, num_blocks=12,
+                    final_norm=None, dataset_hash="synthetic"):
+    """A complete store holding the given float tokens (N, T, D) without running any model."""
+    from mimprobe.cache_store import TokenStore
+
+    tokens = torch.as_tensor(tokens, dtype=torch.float32)
+    n, t, d = tokens.shape
+    labels = np.asarray(labels, dtype=np.int64)
+    n_cls = int(labels.max()) + 1
+    blocks = blocks or {}
+    attrs = {
+        "model": {"name": model_name, "architecture": model_name, "weights": "random", "embed_dim": d,
+                  "num_blocks": num_blocks, "num_prefix_tokens": num_prefix_tokens, "num_patches": t - num_prefix_tokens,
+                  "patch_size": [16, 16], "img_size": [64, 64], "grid_size": [8, 8], "num_reg_tokens": 0,
+                  "has_class_token": num_prefix_tokens > 0, "checkpoint_sha256": None,
+                  "final_norm": None if final_norm is None else {"module": "norm", "kind": "layernorm", "eps": 1e-6}},
+        "preprocessing": {"input_size": [3, 64, 64]},
+        "dataset": {"source": "synthetic", "root": str(path), "class_names": class_names or [str(i) for i in range(n_cls)],
+                    "num_classes": n_cls, "content_hash": dataset_hash, "num_samples": n},
+        "layers": sorted(set(list(blocks) + [num_blocks - 1])),
+        "permutation_seed": 0,
+    }
+    s = TokenStore.create(path, attrs=attrs, num_tokens=t, dim=d, labels=labels,
+                          sample_ids=ids or [f"s{i:05d}" for i in range(n)], dtype=dtype, chunk_rows=chunk_rows,
+                          blocks=tuple(blocks), views=0 if views is None else len(views), final_norm=final_norm)
+    valid = np.ones(n, bool) if valid is None else np.asarray(valid, bool)
+    for c in range(s.num_chunks):
+        a, b = s.chunk_bounds(c)
+        arrays = {"tokens": tokens[a:b]}
+        for k, v in blocks.items():
+            arrays[f"blocks/{k}"] = torch.as_tensor(v, dtype=torch.float32)[a:b]
+        for j, v in enumerate(views or []):
+            arrays[f"views/{j}"] = torch.as_tensor(v, dtype=torch.float32)[a:b]
+        s.write_chunk(c, arrays, valid[a:b])
+        s.mark_done(c)
+    s.update_attrs(complete=True)
+    s.close()
+    return str(path)

@@ -1,0 +1,132 @@
+"""Crash safety: a SIGKILLed extraction, re-run, gives a store bitwise equal to an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+import zarr
+
+from conftest import TINY, write_image_folder
+from mimprobe.cache_store import TokenStore
+from mimprobe.extract import ExtractOptions, extract
+
+IMG = 128  # 64 patches: slow enough on purpose to be killed mid-run
+
+
+@pytest.fixture(scope="module")
+def many_images(tmp_path_factory):
+    return write_image_folder(tmp_path_factory.mktemp("many"), classes=("x", "y", "z", "w"), per_class=60)
+
+
+def _cmd(folder, store, ckpt):
+    return [sys.executable, "-m", "mimprobe", "extract", TINY, folder, store, "--checkpoint", ckpt,
+            "--img-size", str(IMG), "--chunk-rows", "8", "--batch-size", "4", "--workers", "1", "--quiet"]
+
+
+def _done_count(store: str) -> int:
+    try:
+        if store.endswith(".zarr"):
+            d = os.path.join(store, "done", "c")
+            return len(os.listdir(d)) if os.path.isdir(d) else 0
+        with h5py.File(store, "r", locking=False) as f:
+            return int(np.asarray(f["done"][:]).sum()) if "done" in f else 0
+    except (OSError, KeyError):
+        return 0
+
+
+def _arrays(store: str) -> dict:
+    s = TokenStore.open(store)
+    out = {name: np.asarray(s.backend.array(name)[:]) for name in ("tokens", "labels", "valid", "done")}
+    out["sample_ids"] = s.sample_ids
+    out["complete"] = s.complete
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+def test_sigkill_then_resume_is_bitwise_equal(tmp_path, many_images, tiny_ckpt, suffix):
+    ref, crashed = str(tmp_path / f"ref{suffix}"), str(tmp_path / f"crash{suffix}")
+    subprocess.run(_cmd(many_images, ref, tiny_ckpt), check=True, capture_output=True)
+
+    proc = subprocess.Popen(_cmd(many_images, crashed, tiny_ckpt), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while _done_count(crashed) < 4 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, "extraction finished before it could be killed; make it slower"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    n_done = _done_count(crashed)
+    s = TokenStore.open(crashed)
+    assert not s.complete and 0 < n_done < s.num_chunks
+    s.close()
+
+    r = subprocess.run(_cmd(many_images, crashed, tiny_ckpt), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    a, b = _arrays(ref), _arrays(crashed)
+    assert b["complete"] and b["done"].all()
+    for k in ("tokens", "labels", "valid", "done"):
+        assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
+    assert a["tokens"].tobytes() == b["tokens"].tobytes()
+    assert a["sample_ids"] == b["sample_ids"]
+    if suffix == ".zarr":
+        leftovers = [f for _, _, fs in os.walk(crashed) for f in fs if f.endswith(".partial")]
+        assert leftovers == []
+
+
+def test_rerun_complete_store_does_nothing(tmp_path, image_folder, cli):
+    store = str(tmp_path / "s.zarr")
+    args = ["extract", TINY, image_folder, store, "--no-pretrained", "--img-size", "32", "--workers", "0", "--quiet"]
+    code, out, err = cli(*args)
+    assert code == 0 and "complete, 24 samples" in out
+    before = zarr.open_group(store, mode="r")["tokens"][:]
+    code, out, err = cli(*args)
+    assert code == 0 and "already complete" in out and "nothing to do" in out
+    assert np.array_equal(before, zarr.open_group(store, mode="r")["tokens"][:])
+
+
+def test_other_settings_refused_unless_overwrite(tmp_path, image_folder, cli):
+    store = str(tmp_path / "s.zarr")
+    base = ["extract", TINY, image_folder, store, "--no-pretrained", "--img-size", "32", "--workers", "0", "--quiet"]
+    assert cli(*base)[0] == 0
+    code, out, err = cli(*base[:-1], "--dtype", "float32", "--quiet")
+    assert code == 2 and "dtype: 'float16' != 'float32'" in err and "--overwrite" in err
+    assert "Traceback" not in err and len([ln for ln in err.splitlines() if ln.startswith("error:")]) == 1
+    code, out, err = cli(*base, "--img-size", "48")
+    assert code == 2 and "img_size" in err
+    code, out, err = cli(*base, "--limit", "5")
+    assert code == 2 and "dataset" in err
+    # the refused runs did not touch the store
+    assert TokenStore.open(store).attrs["dtype"] == "float16"
+    code, out, err = cli(*base[:-1], "--dtype", "float32", "--overwrite", "--quiet")
+    assert code == 0
+    assert TokenStore.open(store).attrs["dtype"] == "float32"
+
+
+def test_resume_with_another_world_size_layout(tmp_path, image_folder):
+    """A store left incomplete (some chunks done) is finished by a later run, with identical results."""
+    full, part = str(tmp_path / "full.zarr"), str(tmp_path / "part.zarr")
+    opts = dict(pretrained=False, img_size=32, workers=0, quiet=True, chunk_rows=5, batch_size=3)
+    import torch
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "m.pth"
+    from conftest import make_model, save_checkpoint
+
+    save_checkpoint(make_model(), ckpt)
+    opts.update(checkpoint=str(ckpt))
+    extract(TINY, image_folder, full, ExtractOptions(**opts))
+    extract(TINY, image_folder, part, ExtractOptions(**opts))
+    g = zarr.open_group(part, mode="r+")
+    g["done"][1::2] = 0  # pretend every other chunk was never finished
+    g["tokens"][5:10] = 0
+    g.attrs["complete"] = False
+    res = extract(TINY, image_folder, part, ExtractOptions(**opts))
+    assert res.status == "complete" and res.rows_this_run == 10  # chunks 1 and 3 of 5 (rows 5-9, 15-19)
+    assert np.array_equal(zarr.open_group(full)["tokens"][:], zarr.open_group(part)["tokens"][:])

@@ -98,6 +98,85 @@ class _StderrHandler(logging.Handler):
         print(self.format(record), file=sys.stderr)
 
 
+def _list(values: Optional[list[str]]) -> list[str]:
+    """Repeated options and comma lists alike: --head a --head b,c → [a, b, c]."""
+    return [v.strip() for item in values or [] for v in item.split(",") if v.strip()]
+
+
+@app.command()
+def probe(
+    train_store: str = typer.Argument(..., help="store to train (and choose hyper-parameters) on"),
+    eval_store: str = typer.Argument(..., help="store to report on (never used for choosing)"),
+    head: Optional[list[str]] = typer.Option(None, "--head", help="head kind(s), repeat or comma list "
+                                             "(default linear-cls,linear-mean,abmilp)"),
+    lr: Optional[str] = typer.Option(None, help="learning rates, comma list (default 1e-4,3e-4,1e-3,3e-3; "
+                                     "lars: base lr 0.1)"),
+    wd: Optional[str] = typer.Option(None, help="weight decays, comma list (default 5e-4,5e-2; lars: 0)"),
+    epochs: int = typer.Option(10),
+    batch_size: int = typer.Option(256),
+    optimizer: str = typer.Option("adamw", help="adamw | lars (the paper: lr = base x batch/256, 10 warmup epochs)"),
+    warmup_epochs: Optional[float] = typer.Option(None, help="default 1 (adamw) or 10 (lars), at most epochs/4"),
+    seed: Optional[str] = typer.Option(None, "--seeds", "--seed", help="seeds, comma list: one result each"),
+    val_fraction: float = typer.Option(0.1, help="stratified part of the train subset held out for choosing"),
+    shots: Optional[int] = typer.Option(None, help="K samples per class from the train store"),
+    fraction: Optional[float] = typer.Option(None, help="a stratified fraction of the train store"),
+    subset: Optional[str] = typer.Option(None, help="file of sample ids (one per line), e.g. ImageNet 1%"),
+    final_norm: bool = typer.Option(False, help="apply the model's final norm to tokens (default: raw)"),
+    layers: Optional[str] = typer.Option(None, help="also build each head over these blocks, e.g. -1,-4"),
+    in_memory: Optional[bool] = typer.Option(None, "--in-memory/--stream", help="default: in memory when it fits"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    workers: int = typer.Option(0, help="reader processes when streaming"),
+    allow_incomplete: bool = typer.Option(False, help="use the finished chunks of incomplete stores"),
+    out: Optional[str] = typer.Option(None, help="append one JSON line per head and seed to this file"),
+    save_heads: Optional[str] = typer.Option(None, help="save each chosen head under this directory"),
+    quiet: bool = typer.Option(False),
+):
+    """Train linear / AbMILP / attentive heads on cached tokens: a whole lr x wd grid in one pass."""
+    from mimprobe.probe import ProbeOptions, run_probe
+    from mimprobe.probe.results import format_table
+
+    _quiet(quiet)
+    opts = ProbeOptions(
+        heads=_list(head), lrs=_floats(lr, "--lr"), wds=_floats(wd, "--wd"), epochs=epochs, batch_size=batch_size,
+        optimizer=optimizer, warmup_epochs=warmup_epochs, seeds=_ints(seed, "--seeds") or [0],
+        val_fraction=val_fraction, shots=shots, fraction=fraction, subset=subset, final_norm=final_norm,
+        layers=_ints(layers, "--layers"), in_memory=in_memory, device=device, workers=workers,
+        allow_incomplete=allow_incomplete, out=out, save_heads=save_heads, quiet=quiet,
+    )
+    records = run_probe(train_store, eval_store, opts)
+    if records and records[0]["world_size"] > 1 and not _is_main():
+        return
+    r0 = records[0]
+    typer.echo(f"model {r0['model']['name']} ({r0['model']['weights']}) | tokens {r0['protocol']['tokens']} | "
+               f"{r0['protocol']['train_input']} | selection: {r0['protocol']['selection']}")
+    typer.echo(format_table(records))
+    if out:
+        typer.echo(f"appended {len(records)} result(s) to {out}")
+
+
+def _is_main() -> bool:
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+@app.command()
+def predict(
+    head_dir: str = typer.Argument(..., help="a directory written by probe --save-heads (.../HEAD/seedN)"),
+    store: str = typer.Argument(..., help="a store of the same model"),
+    out: Optional[str] = typer.Option(None, help="write predictions as CSV"),
+    batch_size: int = typer.Option(256),
+    device: str = typer.Option("auto"),
+    allow_incomplete: bool = typer.Option(False),
+):
+    """Predict classes for every sample of a store with a saved head."""
+    from mimprobe.probe import run_predict
+
+    res = run_predict(head_dir, store, out, batch_size=batch_size, device=device, allow_incomplete=allow_incomplete)
+    acc = f", top-1 {100 * res['top1']:.2f}% on {res['num_labelled']} labelled" if res["top1"] is not None else ""
+    typer.echo(f"{res['head']}: {res['num_predicted']} predictions{acc}" + (f" → {out}" if out else ""))
+
+
 def main() -> None:
     logger = logging.getLogger("mimprobe")
     if not any(isinstance(h, _StderrHandler) for h in logger.handlers):

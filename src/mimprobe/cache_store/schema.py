@@ -38,6 +38,7 @@ IDENTITY_KEYS = (
     "model.name",
     "model.weights",
     "model.checkpoint_sha256",
+    "model.init_seed",
     "model.img_size",
     "model.num_prefix_tokens",
     "preprocessing",

@@ -18,6 +18,8 @@ from mimprobe.extract.checkpoint import load_into, read_state_dict, sha256_file
 
 log = logging.getLogger("mimprobe")
 
+RANDOM_INIT_SEED = 0
+
 
 @dataclass
 class Backbone:
@@ -117,9 +119,15 @@ def load_backbone(
         model = _create(name, False, kwargs)
         load_into(model, name, sd, checkpoint)
         weights = "checkpoint"
+    elif pretrained:
+        model = _create(name, True, kwargs)
+        weights = "pretrained"
     else:
-        model = _create(name, pretrained, kwargs)
-        weights = "pretrained" if pretrained else "random"
+        # random init is seeded, so stores extracted in separate runs (train, eval) share one network
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            model = _create(name, False, kwargs)
+        weights = "random"
     model.eval()
     if not (hasattr(model, "forward_intermediates") and hasattr(model, "blocks") and hasattr(model, "patch_embed")):
         raise UserError(f"MODEL {name}: not a ViT-style timm model (needs blocks, patch_embed, forward_intermediates)")
@@ -136,6 +144,7 @@ def load_backbone(
         "hf_hub_id": cfg.get("hf_hub_id") if weights == "pretrained" else None,
         "checkpoint": checkpoint,
         "checkpoint_sha256": sha256_file(checkpoint) if checkpoint else None,
+        "init_seed": RANDOM_INIT_SEED if weights == "random" else None,
         "embed_dim": int(model.embed_dim),
         "num_blocks": len(model.blocks),
         "num_heads": int(getattr(attn, "num_heads", 0)),

@@ -181,13 +181,15 @@ class LinearClsMean(GridHead):
 
 @register("abmilp")
 class AbMILP(GridHead):
+    """The scorer is Linear(D→1) without its bias: softmax is shift-invariant, so the bias never changes the
+    output (its gradient is zero up to rounding, which Adam would only amplify into a random walk)."""
+
     def build(self):
         self.score_w = self._param(self._uniform((self.num_blocks, self.dim), self.dim))
-        self.score_b = self._param(self._uniform((self.num_blocks,), self.dim))
 
     def scores(self, p: torch.Tensor) -> torch.Tensor:
         """p (B, L, N, D) → logits (G, B, L, N)."""
-        return torch.einsum("blnd,gld->gbln", p, self.score_w) + self.score_b[:, None, :, None]
+        return torch.einsum("blnd,gld->gbln", p, self.score_w)
 
     def attention(self, x):
         return self.scores(self.patches(x)).softmax(-1)
@@ -209,12 +211,11 @@ class GatedAbMILP(AbMILP):
         self.U = self._param(self._uniform((L, D, H), D))
         self.bU = self._param(self._uniform((L, H), D))
         self.w = self._param(self._uniform((L, H), H))
-        self.bw = self._param(self._uniform((L,), H))
 
     def scores(self, p):
         v = torch.tanh(torch.einsum("blnd,gldh->gblnh", p, self.V) + self.bV[:, None, :, None])
         u = torch.sigmoid(torch.einsum("blnd,gldh->gblnh", p, self.U) + self.bU[:, None, :, None])
-        return torch.einsum("gblnh,glh->gbln", v * u, self.w) + self.bw[:, None, :, None]
+        return torch.einsum("gblnh,glh->gbln", v * u, self.w)
 
 
 @register("attentive")

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from mimprobe.cache_store.store import TokenStore
-from mimprobe.distributed import DistContext, init_distributed, resolve_device
+from mimprobe.distributed import init_distributed, resolve_device
 from mimprobe.errors import UserError
 from mimprobe.probe import subsets
 from mimprobe.probe.feed import Feeder
@@ -189,6 +189,9 @@ def run_probe(train_path: str, eval_path: str, opts: ProbeOptions) -> list[dict]
     train_rows = subsets.usable_rows(train, opts.allow_incomplete)
     if len(train_rows) == 0:
         raise UserError(f"{train.path}: no valid labelled samples to train on")
+    n_unlabelled = int((train.labels[subsets.usable_rows(train, opts.allow_incomplete, labelled=False)] < 0).sum())
+    if n_unlabelled and ctx.is_main:
+        log.warning("%s: %d unlabelled samples are not used", train.path, n_unlabelled)
     eval_rows = subsets.usable_rows(ev, opts.allow_incomplete)
     if len(eval_rows) == 0:
         raise UserError(f"{ev.path}: no valid labelled samples to evaluate on")

@@ -177,6 +177,51 @@ def predict(
     typer.echo(f"{res['head']}: {res['num_predicted']} predictions{acc}" + (f" → {out}" if out else ""))
 
 
+@app.command()
+def demo(
+    out: str = typer.Option("mimprobe-demo", help="output directory (stores, results, table, plots)"),
+    model: str = typer.Option("vit_tiny_patch16_224", help="timm model name"),
+    checkpoint: Optional[str] = typer.Option(None, help="local weights for MODEL"),
+    pretrained: bool = typer.Option(False, help="hub weights for MODEL (default: random init, works offline)"),
+    img_size: int = typer.Option(128, help="demo images are 128 px: an 8x8 grid of 16 px cells"),
+    train_size: int = typer.Option(2000),
+    eval_size: int = typer.Option(500),
+    epochs: int = typer.Option(10),
+    heatmaps: int = typer.Option(8, help="AbMILP heatmaps of this many eval images (0: none)"),
+    device: str = typer.Option("auto"),
+    quiet: bool = typer.Option(False),
+):
+    """The whole pipeline offline in minutes: extract, probe [cls] / mean / AbMILP / attentive, report."""
+    from mimprobe.demo import DemoOptions, run_demo
+
+    _quiet(quiet)
+    run_demo(DemoOptions(out=out, model=model, checkpoint=checkpoint, pretrained=pretrained, img_size=img_size,
+                         train_size=train_size, eval_size=eval_size, epochs=epochs, heatmaps=heatmaps,
+                         device=device, quiet=quiet), echo=typer.echo)
+
+
+@app.command()
+def report(
+    results: list[str] = typer.Argument(..., help="results files written by `mimprobe probe --out`"),
+    format: str = typer.Option("md", "--format", help="md | csv"),
+    plot: Optional[str] = typer.Option(None, help="also draw a bar chart (PNG)"),
+    out: Optional[str] = typer.Option(None, help="write the table to this file instead of stdout"),
+):
+    """One comparison table across runs: rows model / dataset / subset / protocol, columns head kinds."""
+    from mimprobe.report import build_table, load_results, plot_table, render
+
+    table = build_table(load_results(results))
+    text = render(table, format)
+    if out:
+        with open(out, "w", encoding="utf-8") as f:
+            f.write(text if text.endswith("\n") else text + "\n")
+        typer.echo(f"wrote {out}")
+    else:
+        typer.echo(text)
+    if plot:
+        typer.echo(f"wrote {plot_table(table, plot)}")
+
+
 def main() -> None:
     logger = logging.getLogger("mimprobe")
     if not any(isinstance(h, _StderrHandler) for h in logger.handlers):

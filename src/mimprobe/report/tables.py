@@ -1,0 +1,150 @@
+"""`mimprobe report`: result lines (from any number of runs and stores) → one comparison table.
+
+Rows: model / dataset / training subset / protocol; columns: head kinds; cells: mean ± std of eval top-1 over
+seeds (std with ddof=1, as the probe's own table), the best head of each row marked.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mimprobe.errors import UserError
+from mimprobe.probe.results import mean_std
+
+
+def load_results(paths: list[str]) -> list[dict]:
+    records = []
+    for path in paths:
+        if not os.path.isfile(path):
+            raise UserError(f"{path}: no such results file (write one with `mimprobe probe --out FILE`)")
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}:{n}: not a JSON line ({e.msg})") from None
+                if r.get("type") != "mimprobe.probe":
+                    raise UserError(f"{path}:{n}: not a mimprobe probe result")
+                records.append(r)
+    if not records:
+        raise UserError(f"{', '.join(paths)}: no results")
+    return records
+
+
+def _subset_label(s: dict) -> str:
+    kind, value = s.get("kind"), s.get("value")
+    if kind == "shots":
+        return f"{value}-shot"
+    if kind == "fraction":
+        return f"{100 * float(value):g}%"
+    if kind == "file":
+        return f"subset {value}"
+    return "all"
+
+
+def _row_key(r: dict) -> tuple:
+    m, ds, p = r["model"], r["train_store"], r["protocol"]
+    model = f"{m['name']} ({'random init' if m['weights'] == 'random' else m['weights']})"
+    root = os.path.basename(str(ds.get("root") or "").rstrip("/"))
+    dataset = ":".join(x for x in (ds.get("source"), root if root != ds.get("source") else None, ds.get("split")) if x)
+    tokens = "final-norm" if p["tokens"].startswith("final") else "raw"
+    selection = "fixed lr/wd" if p["selection"].startswith("none") else "val split of train"
+    return (model, dataset, _subset_label(r["subset"]), tokens, str(p.get("views", 0)), selection)
+
+
+ROW_COLUMNS = ("model", "dataset", "train subset", "tokens", "views", "selection")
+
+
+@dataclass
+class Table:
+    heads: list[str]
+    rows: list[tuple] = field(default_factory=list)  # row key
+    cells: dict = field(default_factory=dict)  # (row key, head) → list of eval top-1 (one per seed)
+
+    def stats(self, key, head) -> tuple[float, float, int] | None:
+        v = self.cells.get((key, head))
+        if not v:
+            return None
+        mean, std = mean_std(v)
+        return 100 * mean, 100 * std, len(v)
+
+    def best(self, key) -> str | None:
+        means = {h: s[0] for h in self.heads if (s := self.stats(key, h)) is not None}
+        return max(means, key=means.get) if means else None
+
+
+def build_table(records: list[dict]) -> Table:
+    heads = list(dict.fromkeys(r["head"] for r in records))
+    t = Table(heads)
+    seen = {}
+    for r in records:
+        key = _row_key(r)
+        if key not in seen:
+            seen[key] = True
+            t.rows.append(key)
+        t.cells.setdefault((key, r["head"]), []).append(r["metrics"]["eval_top1"])
+    return t
+
+
+def _cell(t: Table, key, head) -> str:
+    s = t.stats(key, head)
+    if s is None:
+        return "-"
+    mean, std, n = s
+    return f"{mean:.2f} ± {std:.2f}" if n > 1 else f"{mean:.2f}"
+
+
+def render(t: Table, fmt: str = "md") -> str:
+    header = list(ROW_COLUMNS) + t.heads
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(header + ["best"] + [f"{h} seeds" for h in t.heads])
+        for key in t.rows:
+            w.writerow(list(key) + [_cell(t, key, h) for h in t.heads] + [t.best(key) or ""]
+                       + [(t.stats(key, h) or (0, 0, 0))[2] for h in t.heads])
+        return buf.getvalue()
+    if fmt != "md":
+        raise UserError(f"--format {fmt}: choose md or csv")
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for key in t.rows:
+        best = t.best(key)
+        cells = [f"**{_cell(t, key, h)}**" if h == best else _cell(t, key, h) for h in t.heads]
+        lines.append("| " + " | ".join(list(key) + cells) + " |")
+    lines.append("")
+    lines.append("eval top-1 (%), mean ± std over seeds; **bold** = best head of the row.")
+    return "\n".join(lines)
+
+
+def plot_table(t: Table, path: str, title: str = "eval top-1 by head") -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n_rows, n_heads = len(t.rows), len(t.heads)
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * n_rows * n_heads + 2), 4))
+    width = 0.8 / n_heads
+    for j, head in enumerate(t.heads):
+        st = [t.stats(k, head) or (np.nan, 0, 0) for k in t.rows]
+        x = np.arange(n_rows) + j * width - 0.4 + width / 2
+        ax.bar(x, [s[0] for s in st], width, yerr=[s[1] for s in st], label=head, capsize=3)
+    ax.set_xticks(np.arange(n_rows))
+    ax.set_xticklabels(["\n".join(k[:3]) for k in t.rows], fontsize=7)
+    ax.set_ylabel("eval top-1 (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

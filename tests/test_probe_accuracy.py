@@ -20,9 +20,9 @@ from mimprobe.probe import ProbeOptions, run_probe
 from mimprobe.probe import subsets
 
 
-def _write_digits(root):
+def _write_digits(root, test_size=0.25):
     d = load_digits()
-    tr, te = train_test_split(np.arange(len(d.target)), test_size=0.25, stratify=d.target, random_state=0)
+    tr, te = train_test_split(np.arange(len(d.target)), test_size=test_size, stratify=d.target, random_state=0)
     for split, idx in (("train", tr), ("test", te)):
         for i in idx:
             folder = os.path.join(root, split, str(d.target[i]))

@@ -116,7 +116,7 @@ def test_heads_match_reference_formulas():
     # CAPI's AttnPoolClassifier computed the plain way: kv = Linear(D, 2D), SDPA with one query, D/64 heads
     at = create_head("attentive", dim=D, num_classes=C, members=1).eval()
     H = D // 64
-    kv = patches @ at.kv_w[0, 0].T + at.kv_b[0, 0]
+    kv = patches @ at.kv_w[0, 0].T + at.kv_bias[0, 0]
     k, v = kv[..., :D], kv[..., D:]
     q = at.query[0, 0].view(1, H, 1, 64).expand(B, -1, -1, -1)
     out = F.scaled_dot_product_attention(q, k.view(B, -1, H, 64).transpose(1, 2), v.view(B, -1, H, 64).transpose(1, 2))
@@ -124,7 +124,7 @@ def test_heads_match_reference_formulas():
     assert torch.allclose(at(x)[0], ref, atol=1e-5)
     # gated AbMILP (Ilse et al.): softmax(w^T[tanh(Vx) * sigmoid(Ux)])
     gt = create_head("abmilp-gated", dim=D, num_classes=C, members=1).eval()
-    s = (torch.tanh(patches @ gt.V[0, 0] + gt.bV[0, 0]) * torch.sigmoid(patches @ gt.U[0, 0] + gt.bU[0, 0])) @ gt.w[0, 0]
+    s = (torch.tanh(patches @ gt.V[0, 0] + gt.V_bias[0, 0]) * torch.sigmoid(patches @ gt.U[0, 0] + gt.U_bias[0, 0])) @ gt.w[0, 0]
     a = torch.softmax(s, dim=1)
     assert torch.allclose(gt.attention(x)[0, :, 0], a, atol=1e-6)
     assert gt.V.shape[-1] == 128

@@ -20,12 +20,19 @@ from mimprobe.errors import UserError
 ARRAY_CONFIG = {"write_empty_chunks": True}
 
 
+def _storage_options(path: str) -> dict | None:
+    """fsspec options for a URL: the local filesystem must create chunk directories itself."""
+    if not is_url(path):
+        return None
+    return {"auto_mkdir": True} if path.startswith("file://") else {}
+
+
 def _fsspec(path: str):
     """(filesystem, path inside it) for a URL; a clear error when its fsspec backend is missing."""
     import fsspec
 
     try:
-        return fsspec.core.url_to_fs(path)
+        return fsspec.core.url_to_fs(path, **(_storage_options(path) or {}))
     except (ImportError, ValueError) as e:
         scheme = path.split("://", 1)[0]
         raise UserError(
@@ -63,7 +70,8 @@ class ZarrBackend(Backend):
             _fsspec(path)
         else:
             os.makedirs(path, exist_ok=True)
-        g = zarr.open_group(path, mode="w" if overwrite else "a", zarr_format=3)
+        g = zarr.open_group(path, mode="w" if overwrite else "a", zarr_format=3,
+                            storage_options=_storage_options(path))
         return cls(g, path)
 
     @classmethod
@@ -71,7 +79,7 @@ class ZarrBackend(Backend):
         if is_url(path):
             _fsspec(path)
         try:
-            g = zarr.open_group(path, mode=mode, zarr_format=3)
+            g = zarr.open_group(path, mode=mode, zarr_format=3, storage_options=_storage_options(path))
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeNotFoundError):
             raise UserError(f"{path}: not a mimprobe store (no zarr group there)") from None
         return cls(g, path)
@@ -112,10 +120,11 @@ class ZarrBackend(Backend):
 
     # --- housekeeping --------------------------------------------------------------------------------
     def clean_partial(self):
-        if is_url(self.path):
-            return 0
+        local = self.path[len("file://"):] if self.path.startswith("file://") else self.path
+        if is_url(local):
+            return 0  # object stores write whole objects; nothing partial is left behind
         n = 0
-        for root, _dirs, files in os.walk(self.path):
+        for root, _dirs, files in os.walk(local):
             for f in files:
                 if f.endswith(".partial"):
                     os.remove(os.path.join(root, f))

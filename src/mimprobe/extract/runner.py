@@ -24,7 +24,7 @@ from mimprobe.cache_store.schema import DTYPES, identity_diff
 from mimprobe.cache_store.store import TokenStore
 from mimprobe.cache_store.backend import infer_format
 from mimprobe.data.sources import open_source
-from mimprobe.distributed import all_gather_object, barrier, init_distributed, resolve_device, run_on_main
+from mimprobe.distributed import all_gather_object, barrier, broadcast_object, init_distributed, resolve_device, run_on_main
 from mimprobe.errors import UserError
 from mimprobe.fmt import human_bytes
 from mimprobe.extract.backbone import Backbone, block_tokens, load_backbone
@@ -209,7 +209,7 @@ def extract(model: str, data: str, store_path: str, opts: ExtractOptions | None 
         store, already = state
     else:
         store, already = TokenStore.open(store_path, "r+", fmt), False
-    already = bool(run_on_main(ctx, lambda: already))
+    already = bool(broadcast_object(ctx, already))
     if already:
         res = ExtractResult(store_path, "already complete", store.num_samples, 0, 0.0, store.size_on_disk(),
                             store.num_chunks, store.num_chunks, len(store.attrs.get("skipped", [])))
@@ -274,8 +274,9 @@ def _run_chunks(path, fmt, spans, bb, source, rows, opts, layers, device, reason
     valid_parts: list[np.ndarray] = []
     filled = 0
     n_rows = 0
-    bar = tqdm(total=sum(b - a for _, a, b in spans), unit="img", desc="extract",
-               disable=True if opts.quiet else None, dynamic_ncols=True)
+    rank = int(os.environ.get("RANK", "0"))
+    bar = tqdm(total=sum(b - a for _, a, b in spans), unit="img", desc=f"extract (rank {rank})" if rank else "extract",
+               disable=True if opts.quiet else None, dynamic_ncols=True, position=rank)
     try:
         with torch.inference_mode():
             for batch in batch_iter:

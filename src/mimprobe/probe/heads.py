@@ -136,6 +136,10 @@ class GridHead(nn.Module):
         """Weights over patch tokens (G, B, L, N) for heads that have them."""
         return None
 
+    def decay_flags(self) -> list[bool]:
+        """Weight decay for weights, not for biases (parameters named ``*bias``), as CAPI / MAE do."""
+        return [not name.endswith("bias") for name, _ in self.named_parameters()]
+
     def config(self) -> dict:
         return {"kind": self.kind, "dim": self.dim, "num_classes": self.num_classes, "num_blocks": self.num_blocks,
                 "num_prefix": self.num_prefix}
@@ -207,14 +211,14 @@ class GatedAbMILP(AbMILP):
     def build(self):
         L, D, H = self.num_blocks, self.dim, self.hidden
         self.V = self._param(self._uniform((L, D, H), D))
-        self.bV = self._param(self._uniform((L, H), D))
+        self.V_bias = self._param(self._uniform((L, H), D))
         self.U = self._param(self._uniform((L, D, H), D))
-        self.bU = self._param(self._uniform((L, H), D))
+        self.U_bias = self._param(self._uniform((L, H), D))
         self.w = self._param(self._uniform((L, H), H))
 
     def scores(self, p):
-        v = torch.tanh(torch.einsum("blnd,gldh->gblnh", p, self.V) + self.bV[:, None, :, None])
-        u = torch.sigmoid(torch.einsum("blnd,gldh->gblnh", p, self.U) + self.bU[:, None, :, None])
+        v = torch.tanh(torch.einsum("blnd,gldh->gblnh", p, self.V) + self.V_bias[:, None, :, None])
+        u = torch.sigmoid(torch.einsum("blnd,gldh->gblnh", p, self.U) + self.U_bias[:, None, :, None])
         return torch.einsum("gblnh,glh->gbln", v * u, self.w)
 
 
@@ -236,13 +240,13 @@ class Attentive(GridHead):
             raise UserError(f"attentive head: embed dim {D} is not divisible into {self.heads} heads of 64")
         self.query = self._param(self._trunc((L, D), 0.02))
         self.kv_w = self._param(self._uniform((L, 2 * D, D), D))
-        self.kv_b = self._param(self._uniform((L, 2 * D), D))
+        self.kv_bias = self._param(self._uniform((L, 2 * D), D))
 
     def _split(self):
         G, L, D, H = self.members, self.num_blocks, self.dim, self.heads
         E = D // H
         wk, wv = self.kv_w[:, :, :D].view(G, L, H, E, D), self.kv_w[:, :, D:].view(G, L, H, E, D)
-        bv = self.kv_b[:, :, D:].view(G, L, H, E)
+        bv = self.kv_bias[:, :, D:].view(G, L, H, E)
         q = self.query.view(G, L, H, E)
         return q, wk, wv, bv, E
 

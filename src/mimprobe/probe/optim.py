@@ -1,8 +1,8 @@
 """Optimizers for stacked grids of heads: every parameter has a leading member axis G, and each member has its
 own learning rate and weight decay (torch.optim applies one lr per parameter tensor, so it cannot do this).
 
-Per member, the updates are exactly torch's ``AdamW`` and the MAE/beyond_cls ``LARS`` (weight decay and trust
-ratio only for matrices, i.e. parameters with more than one dimension per member).
+Per member, the updates are exactly torch's ``AdamW`` and the MAE/beyond_cls ``LARS`` (weight decay, and LARS's
+trust ratio, only for weights, not biases).
 """
 
 from __future__ import annotations
@@ -19,8 +19,14 @@ def _per_member(v: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 
 
 class GridOptimizer:
-    def __init__(self, params: list[torch.nn.Parameter], lr: torch.Tensor, wd: torch.Tensor):
+    """``decay[i]``: whether parameter i gets weight decay (default: matrices per member, i.e. ndim > 2)."""
+
+    def __init__(self, params: list[torch.nn.Parameter], lr: torch.Tensor, wd: torch.Tensor,
+                 decay: list[bool] | None = None):
+        params = list(params)
+        decay = decay if decay is not None else [p.dim() > 2 for p in params]
         self.params = [p for p in params if p.requires_grad]
+        self.decay = [d for p, d in zip(params, decay) if p.requires_grad]
         self.lr = lr.float()
         self.wd = wd.float()
         self.state: dict[int, dict] = {}
@@ -39,7 +45,7 @@ class GridOptimizer:
         for i, p in enumerate(self.params):
             if p.grad is not None:
                 self._update(i, p, p.grad, _per_member(self.lr.to(p.device), p) * lr_scale,
-                             _per_member(self.wd.to(p.device), p), decay=p.dim() > 2)
+                             _per_member(self.wd.to(p.device), p), decay=self.decay[i])
 
     def _update(self, i, p, g, lr, wd, decay):
         raise NotImplementedError
@@ -48,8 +54,8 @@ class GridOptimizer:
 class GridAdamW(GridOptimizer):
     """torch.optim.AdamW per member (decoupled weight decay, not on biases/1-D parameters)."""
 
-    def __init__(self, params, lr, wd, betas=(0.9, 0.999), eps=1e-8):
-        super().__init__(params, lr, wd)
+    def __init__(self, params, lr, wd, decay=None, betas=(0.9, 0.999), eps=1e-8):
+        super().__init__(params, lr, wd, decay)
         self.betas, self.eps = betas, eps
 
     def _update(self, i, p, g, lr, wd, decay):
@@ -68,8 +74,8 @@ class GridAdamW(GridOptimizer):
 class GridLARS(GridOptimizer):
     """LARS as in MAE's ``util/lars.py`` (momentum 0.9, trust coefficient 0.001), per member."""
 
-    def __init__(self, params, lr, wd, momentum=0.9, trust_coefficient=0.001):
-        super().__init__(params, lr, wd)
+    def __init__(self, params, lr, wd, decay=None, momentum=0.9, trust_coefficient=0.001):
+        super().__init__(params, lr, wd, decay)
         self.momentum, self.trust = momentum, trust_coefficient
 
     def _update(self, i, p, g, lr, wd, decay):
@@ -86,8 +92,8 @@ class GridLARS(GridOptimizer):
         p.sub_(lr * st["mu"])
 
 
-def make_optimizer(name: str, params, lr: torch.Tensor, wd: torch.Tensor) -> GridOptimizer:
-    return {"adamw": GridAdamW, "lars": GridLARS}[name](params, lr, wd)
+def make_optimizer(name: str, params, lr: torch.Tensor, wd: torch.Tensor, decay=None) -> GridOptimizer:
+    return {"adamw": GridAdamW, "lars": GridLARS}[name](params, lr, wd, decay)
 
 
 def lr_scale(step: int, total: int, warmup: int) -> float:

@@ -20,7 +20,7 @@ from mimprobe.probe.feed import Feeder
 from mimprobe.probe.heads import HEADS
 from mimprobe.probe.optim import OPTIMIZERS
 from mimprobe.probe.results import append_jsonl, model_ref, now, store_ref, versions
-from mimprobe.probe.saved import load_head, save_head
+from mimprobe.probe.saved import head_blocks, load_head, save_head
 from mimprobe.probe.trainer import TrainConfig, build_heads, evaluate, predict, train_grid
 
 log = logging.getLogger("mimprobe")
@@ -290,7 +290,7 @@ def run_predict(head_dir: str, store_path: str, out: str | None, batch_size: int
     dev = resolve_device(device)
     headset.to(dev)
     rows = subsets.usable_rows(store, allow_incomplete, labelled=False)
-    arrays = [store.block_array(b) for b in config["blocks"]]
+    arrays = [store.block_array(b) for b in head_blocks(config)]
     feed = Feeder(store, rows, batch_size, device=dev, blocks=arrays, shuffle=False, seed=0, in_memory=None)
     names = config.get("class_names") or []
     ids = store.sample_ids

@@ -34,6 +34,12 @@ def save_head(directory: str, headset: HeadSet, key: str, meta: dict) -> str:
     return directory
 
 
+def head_blocks(config: dict) -> list[int]:
+    """Absolute indices of the blocks a saved head reads (its ``inputs`` are positions in the run's ``blocks``)."""
+    blocks = config["blocks"]
+    return [blocks[p] for p in config.get("inputs", range(len(blocks)))]
+
+
 def load_head(directory: str) -> tuple[HeadSet, dict]:
     cfg_path = os.path.join(directory, CONFIG)
     if not os.path.isfile(cfg_path) or not os.path.isfile(os.path.join(directory, WEIGHTS)):
@@ -47,5 +53,5 @@ def load_head(directory: str) -> tuple[HeadSet, dict]:
     norm = None
     if config.get("final_norm"):
         norm = TokenNorm({**config["final_norm"], "weight": tensors["norm.weight"], "bias": tensors.get("norm.bias")})
-    key = config["key"]
+    key = config["key"]  # batches for a loaded head carry exactly its own blocks (see head_blocks)
     return HeadSet({key: head}, {key: list(range(len(config["inputs"])))}, norm).eval(), config

@@ -117,7 +117,8 @@ def train_grid(headset: HeadSet, train: Feeder, cfg: TrainConfig, codec, device:
                                                     else None)
     lrs = _effective_lrs(cfg, ctx.world).to(device)
     wds = torch.tensor([wd for _, wd in cfg.grid], device=device)
-    opts = {k: make_optimizer(cfg.optimizer, list(h.parameters()), lrs, wds) for k, h in headset.heads.items()}
+    opts = {k: make_optimizer(cfg.optimizer, list(h.parameters()), lrs, wds, h.decay_flags())
+            for k, h in headset.heads.items()}
 
     steps_per_epoch = train.num_batches()
     if ctx.active:  # every rank must take the same number of DDP steps

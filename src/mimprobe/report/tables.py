@@ -125,13 +125,11 @@ def render(t: Table, fmt: str = "md") -> str:
 
 
 def plot_table(t: Table, path: str, title: str = "eval top-1 by head") -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from mimprobe.plotting import new_figure, save_figure
 
     n_rows, n_heads = len(t.rows), len(t.heads)
-    fig, ax = plt.subplots(figsize=(max(5, 1.2 * n_rows * n_heads + 2), 4))
+    fig = new_figure(figsize=(max(5, 1.2 * n_rows * n_heads + 2), 4))
+    ax = fig.add_subplot()
     width = 0.8 / n_heads
     for j, head in enumerate(t.heads):
         st = [t.stats(k, head) or (np.nan, 0, 0) for k in t.rows]
@@ -144,7 +142,4 @@ def plot_table(t: Table, path: str, title: str = "eval top-1 by head") -> str:
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

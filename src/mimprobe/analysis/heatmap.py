@@ -1,0 +1,144 @@
+"""Where a saved AbMILP / gated AbMILP / attentive head looks: its weights over patch tokens, on the image.
+
+For image x the backbone the head was trained on gives the tokens of the blocks the head reads (before the final
+norm, as in the store; the head's own final norm is applied when it used one). The head's pooling weights
+a (L blocks × N patches, each block's weights summing to 1) are averaged over the L blocks, reshaped to the
+patch grid (gh × gw), bilinearly upsampled to the input size, min-max scaled per image (0 = the least, 1 = the
+most weighted place) and drawn over the preprocessed image (denormalised with the model's mean and std). As the
+scaling hides how peaked a map is, titles give ``peak`` = max_n a_n · N (1.0 = uniform weights).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mimprobe.errors import UserError
+from mimprobe.extract.backbone import Backbone, block_tokens, load_backbone
+from mimprobe.probe.heads import GridHead
+from mimprobe.probe.saved import head_blocks
+from mimprobe.probe.trainer import HeadSet
+
+log = logging.getLogger("mimprobe")
+
+
+def backbone_for_head(config: dict, checkpoint: str | None = None, head_dir: str = "the head") -> Backbone:
+    """The backbone a saved head's tokens came from (its config's ``model``): the same name, input size, crop
+    and weights (hub weights, the recorded checkpoint or ``checkpoint`` instead of it, or the seeded random
+    init)."""
+    m = config.get("model") or {}
+    name, weights = m.get("name"), m.get("weights")
+    if not name:
+        raise UserError(f"{head_dir}: its config names no model")
+    img = m.get("img_size")
+    if img and len(set(img)) != 1:
+        raise UserError(f"{head_dir}: non-square input size {img} is not supported")
+    if checkpoint is None and weights == "checkpoint":
+        checkpoint = m.get("checkpoint")
+        if not checkpoint or not os.path.isfile(checkpoint):
+            raise UserError(f"{head_dir}: the head was trained on tokens of checkpoint {checkpoint}, which is not "
+                            "there; pass --checkpoint PATH")
+    elif checkpoint is not None and weights != "checkpoint":
+        log.warning("%s: the head was trained on %s weights; using --checkpoint %s instead", head_dir, weights,
+                    checkpoint)
+    bb = load_backbone(name, checkpoint=checkpoint, pretrained=weights == "pretrained",
+                       img_size=int(img[0]) if img else None,
+                       crop_pct=(config.get("preprocessing") or {}).get("crop_pct"))
+    want = m.get("checkpoint_sha256")
+    if checkpoint is not None and want and bb.info["checkpoint_sha256"] != want:
+        raise UserError(f"--checkpoint {checkpoint}: not the checkpoint the head in {head_dir} was trained on "
+                        "(sha256 differs)")
+    for k in ("embed_dim", "num_prefix_tokens", "grid_size"):
+        if m.get(k) is not None and bb.info[k] != m[k]:
+            raise UserError(f"{head_dir}: model {name} now has {k} {bb.info[k]}, the head expects {m[k]}")
+    return bb
+
+
+def head_attention(headset: HeadSet, key: str, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens (B, L, T, D) of the head's blocks → (weights over patches (B, N) averaged over the L blocks,
+    logits (B, C))."""
+    head = headset.heads[key]
+    x = headset.prepare(tokens)
+    return head.attention(x)[0].mean(1), head(x)[0]
+
+
+def to_image(x: torch.Tensor, data_config: dict) -> np.ndarray:
+    """A normalised input (3, H, W) → (H, W, 3) in [0, 1]."""
+    mean = torch.tensor(data_config["mean"], dtype=x.dtype).view(3, 1, 1)
+    std = torch.tensor(data_config["std"], dtype=x.dtype).view(3, 1, 1)
+    return (x.cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+def upsample(weights: torch.Tensor, grid: list[int], size: tuple[int, int]) -> torch.Tensor:
+    """Weights (B, gh·gw) → (B, H, W), bilinear, each map min-max scaled to [0, 1] (all 0 when constant)."""
+    a = weights.float().view(-1, 1, *grid)
+    a = F.interpolate(a, size=size, mode="bilinear", align_corners=False)[:, 0]
+    lo, hi = a.flatten(1).amin(1).view(-1, 1, 1), a.flatten(1).amax(1).view(-1, 1, 1)
+    return (a - lo) / (hi - lo).clamp_min(1e-12)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.splitext(text)[0]).strip("_")[-60:] or "image"
+
+
+def heatmaps(head_dir: str, data: str, images: int = 16, out_dir: str = "heatmaps", checkpoint: str | None = None,
+             *, seed: int = 0, batch_size: int = 32, device: str = "auto", workers: int = 0) -> dict:
+    """Draw the head's attention for ``images`` images of ``data`` (a seeded random subset): one PNG per image
+    (title: sample id, true and predicted class) and ``grid.png``. Returns a summary with the files written."""
+    from mimprobe.analysis.inputs import image_batches, sample_rows
+    from mimprobe.analysis.plots import grid_figure, heatmap_figure, save_figure
+    from mimprobe.data import open_source
+    from mimprobe.distributed import resolve_device
+    from mimprobe.probe.saved import load_head
+
+    if images <= 0:
+        raise UserError(f"--images {images}: must be positive")
+    headset, config = load_head(head_dir)
+    key = config["key"]
+    head = headset.heads[key]
+    if type(head).attention is GridHead.attention:
+        raise UserError(f"head {key} ({head_dir}) has no attention weights: use abmilp, abmilp-gated or attentive")
+    dev = resolve_device(device)
+    source = open_source(data)
+    if len(source) == 0:
+        raise UserError(f"{data}: the dataset is empty")
+    bb = backbone_for_head(config, checkpoint, head_dir)
+    bb.model.to(dev)
+    headset.to(dev)
+    blocks = head_blocks(config)
+    grid = bb.info["grid_size"]
+    class_names = config.get("class_names") or []
+    rows = sample_rows(len(source), images, seed)
+    os.makedirs(out_dir, exist_ok=True)
+    samples, items = [], []
+    with torch.inference_mode():
+        for idx, x in image_batches(source, rows, bb.data_config, batch_size, workers):
+            x = x.to(dev)
+            tokens = torch.stack(block_tokens(bb.model, x, blocks), dim=1).float()
+            weights, logits = head_attention(headset, key, tokens)
+            heat = upsample(weights, grid, tuple(x.shape[-2:])).cpu().numpy()
+            prob = logits.float().softmax(-1)
+            peak = (weights.amax(-1) * weights.shape[-1]).tolist()
+            for j, i in enumerate(idx.tolist()):
+                label = int(source.labels[i])
+                pred = int(prob[j].argmax())
+                true_name = source.class_names[label] if 0 <= label < len(source.class_names) else "?"
+                pred_name = class_names[pred] if pred < len(class_names) else str(pred)
+                sid = source.ids[i]
+                title = (f"{sid}\ntrue: {true_name} | pred: {pred_name} (p {float(prob[j, pred]):.2f}) | "
+                         f"peak {peak[j]:.1f}× uniform")
+                image = to_image(x[j], bb.data_config)
+                path = os.path.join(out_dir, f"{len(samples):03d}_{_slug(sid)}.png")
+                save_figure(heatmap_figure(image, heat[j], title), path)
+                items.append((image, heat[j], f"{_slug(sid)[-24:]}\n{true_name} → {pred_name}"))
+                samples.append({"id": sid, "label": true_name, "pred": pred_name, "prob": float(prob[j, pred]),
+                                "peak": peak[j], "png": path})
+    grid_path = save_figure(grid_figure(items), os.path.join(out_dir, "grid.png"))
+    return {"head": key, "head_kind": config["head"]["kind"], "model": bb.info["name"],
+            "weights": bb.info["weights"], "blocks": blocks, "num_images": len(samples), "images": samples,
+            "grid": grid_path, "out_dir": out_dir}

@@ -222,8 +222,9 @@ def extract(model: str, data: str, store_path: str, opts: ExtractOptions | None 
     store.close()  # re-opened for writing once the decode workers exist, so they never inherit its handle
     bb.model.to(device)
     t0 = time.perf_counter()
-    reasons: dict[int, str] = {}
-    n_rows = _run_chunks(store_path, fmt, spans, bb, source, rows, opts, layers, device, reasons)
+    dataset = ExtractDataset(source, rows, bb.data_config, views=opts.views, seed=opts.seed)
+    n_rows, reasons = extract_chunks(store_path, spans, bb, dataset, opts, layers, device, fmt=fmt,
+                                     locate=lambda r: source.locate(int(rows[r])))
     seconds = time.perf_counter() - t0
     store = TokenStore.open(store_path, "r+" if ctx.is_main else "r", fmt)
 
@@ -250,11 +251,18 @@ def extract(model: str, data: str, store_path: str, opts: ExtractOptions | None 
     return result
 
 
-def _run_chunks(path, fmt, spans, bb, source, rows, opts, layers, device, reasons) -> int:
+def extract_chunks(path: str, spans: list[tuple[int, int, int]], bb: Backbone, dataset, opts: ExtractOptions,
+                   layers: list[int], device: torch.device, *, fmt: str | None = None,
+                   locate=None) -> tuple[int, dict[int, str]]:
+    """The pipeline core: decode (DataLoader workers) → forward → background chunk writes, for the chunks in
+    ``spans`` ((chunk, first row, end row) of an existing store). ``dataset[row]`` returns
+    ``{"x": (1 + views, 3, H, W), "ok": bool, "reason": str, "row": row}`` (see :class:`ExtractDataset`).
+    Returns the rows processed and the reasons of skipped rows."""
+    reasons: dict[int, str] = {}
     if not spans:
-        return 0
+        return 0, reasons
+    locate = locate or (lambda r: f"row {r}")
     batches = chunk_batches(spans, opts.batch_size)
-    dataset = ExtractDataset(source, rows, bb.data_config, views=opts.views, seed=opts.seed)
     workers = opts.workers if opts.workers is not None else min(8, os.cpu_count() or 1)
     loader = DataLoader(
         dataset, batch_sampler=batches, num_workers=workers, pin_memory=device.type == "cuda",
@@ -266,7 +274,7 @@ def _run_chunks(path, fmt, spans, bb, source, rows, opts, layers, device, reason
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
     batch_iter = iter(loader)  # starts (forks) the decode workers
-    store = TokenStore.open(path, "r+", fmt)
+    store = TokenStore.open(path, "r+", fmt)  # opened after the fork: workers never hold its handle
     writer = ChunkWriter(store)
     span_iter = iter(spans)
     cur_c, cur_a, cur_b = next(span_iter)
@@ -288,7 +296,7 @@ def _run_chunks(path, fmt, spans, bb, source, rows, opts, layers, device, reason
                                 writer.close()
                                 n_done = int(store.done().sum())
                                 raise UserError(
-                                    f"{source.locate(int(rows[r]))}: cannot decode image ({why}); fix or remove "
+                                    f"{locate(r)}: cannot decode image ({why}); fix or remove "
                                     f"it, or re-run with --skip-bad ({n_done} finished chunks are kept)")
                             reasons[int(r)] = why
                 x = batch["x"].to(device, non_blocking=True)
@@ -316,4 +324,4 @@ def _run_chunks(path, fmt, spans, bb, source, rows, opts, layers, device, reason
     finally:
         bar.close()
         store.close()
-    return n_rows
+    return n_rows, reasons

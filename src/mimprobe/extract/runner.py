@@ -303,9 +303,10 @@ def extract_chunks(path: str, spans: list[tuple[int, int, int]], bb: Backbone, d
                 b, v = x.shape[:2]
                 with autocast:
                     outs = block_tokens(bb.model, x.flatten(0, 1), layers)
-                mask = torch.from_numpy(ok).to(device).view(b, 1, 1)
                 for k, out in zip(layers, outs):
-                    out = out.view(b, v, *out.shape[1:]).to(transfer) * mask.unsqueeze(1)
+                    out = out.view(b, v, *out.shape[1:]).to(transfer)
+                    if not ok.all():  # skipped samples are stored as zeros
+                        out[torch.from_numpy(~ok).to(device)] = 0
                     parts.setdefault(names[k], []).append(out[:, 0].cpu())
                     if k == last:
                         for j in range(1, v):
@@ -315,7 +316,7 @@ def extract_chunks(path: str, spans: list[tuple[int, int, int]], bb: Backbone, d
                 n_rows += b
                 bar.update(b)
                 if filled == cur_b - cur_a:
-                    writer.put(cur_c, {n: torch.cat(p) for n, p in parts.items()}, np.concatenate(valid_parts))
+                    writer.put(cur_c, parts, np.concatenate(valid_parts))  # concatenated on the writer thread
                     parts, valid_parts, filled = {}, [], 0
                     nxt = next(span_iter, None)
                     if nxt is not None:

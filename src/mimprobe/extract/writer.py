@@ -31,13 +31,15 @@ class ChunkWriter:
                 continue  # drain without writing after a failure
             c, arrays, valid = item
             try:
+                arrays = {k: torch.cat(v) if isinstance(v, list) else v for k, v in arrays.items()}
                 self.store.write_chunk(c, arrays, valid)
                 self.store.mark_done(c)
                 self.written.append(c)
             except BaseException as e:  # re-raised in the main thread
                 self.error = e
 
-    def put(self, c: int, arrays: dict[str, torch.Tensor], valid: np.ndarray) -> None:
+    def put(self, c: int, arrays: dict[str, torch.Tensor | list[torch.Tensor]], valid: np.ndarray) -> None:
+        """Queue chunk ``c`` (per array: a tensor, or the list of its batches in order); blocks when full."""
         self._check()
         self.q.put((c, arrays, valid))
 

@@ -19,22 +19,15 @@ app = typer.Typer(
 )
 
 
-def _ints(text: Optional[str], option: str) -> list[int]:
+def _numbers(text: Optional[str], option: str, kind=int) -> list:
+    """A comma list of numbers, e.g. ``-1,-4`` or ``1e-3,3e-3``."""
     if not text:
         return []
     try:
-        return [int(t) for t in text.split(",") if t.strip()]
+        return [kind(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise UserError(f"{option} {text!r}: expected comma-separated integers, e.g. -1,-4") from None
-
-
-def _floats(text: Optional[str], option: str) -> list[float]:
-    if not text:
-        return []
-    try:
-        return [float(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise UserError(f"{option} {text!r}: expected comma-separated numbers, e.g. 1e-3,3e-3") from None
+        example = "-1,-4" if kind is int else "1e-3,3e-3"
+        raise UserError(f"{option} {text!r}: expected comma-separated numbers, e.g. {example}") from None
 
 
 def _quiet(quiet: bool) -> None:
@@ -71,7 +64,7 @@ def extract(
     opts = ExtractOptions(
         checkpoint=checkpoint, pretrained=pretrained, img_size=img_size, crop_pct=crop_pct, dtype=dtype,
         format=format, batch_size=batch_size, workers=workers, device=device, limit=limit, seed=seed,
-        chunk_rows=chunk_rows, layers=_ints(layers, "--layers"), views=views, skip_bad=skip_bad,
+        chunk_rows=chunk_rows, layers=_numbers(layers, "--layers"), views=views, skip_bad=skip_bad,
         overwrite=overwrite, quiet=quiet,
     )
     result = run(model, data, store, opts)
@@ -138,10 +131,10 @@ def probe(
 
     _quiet(quiet)
     opts = ProbeOptions(
-        heads=_list(head), lrs=_floats(lr, "--lr"), wds=_floats(wd, "--wd"), epochs=epochs, batch_size=batch_size,
-        optimizer=optimizer, warmup_epochs=warmup_epochs, seeds=_ints(seed, "--seeds") or [0],
+        heads=_list(head), lrs=_numbers(lr, "--lr", float), wds=_numbers(wd, "--wd", float), epochs=epochs,
+        batch_size=batch_size, optimizer=optimizer, warmup_epochs=warmup_epochs, seeds=_numbers(seed, "--seeds") or [0],
         val_fraction=val_fraction, shots=shots, fraction=fraction, subset=subset, final_norm=final_norm,
-        layers=_ints(layers, "--layers"), in_memory=in_memory, device=device, workers=workers,
+        layers=_numbers(layers, "--layers"), in_memory=in_memory, device=device, workers=workers,
         allow_incomplete=allow_incomplete, out=out, save_heads=save_heads, quiet=quiet,
     )
     records = run_probe(train_store, eval_store, opts)

@@ -29,12 +29,13 @@ def rows_bytes(store: TokenStore, n_rows: int, n_arrays: int) -> int:
     return n_rows * n_arrays * store.codec.bytes_per_row(store.num_tokens, store.dim)
 
 
-def fits_in_memory(store: TokenStore, n_rows: int, n_arrays: int, device: torch.device) -> bool:
-    need = rows_bytes(store, n_rows, n_arrays)
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return need < 0.4 * free or need < 0.5 * available_memory()
-    return need < 0.5 * available_memory()
+def fits_on_gpu(need: int, device: torch.device) -> bool:
+    return device.type == "cuda" and need < 0.4 * torch.cuda.mem_get_info(device)[0]
+
+
+def fits_in_memory(need: int, device: torch.device) -> bool:
+    """Whether ``need`` bytes can be held in host RAM (half of what is available) or on the GPU."""
+    return need < 0.5 * available_memory() or fits_on_gpu(need, device)
 
 
 class Feeder:
@@ -47,9 +48,9 @@ class Feeder:
         self.store, self.rows, self.batch_size = store, np.asarray(rows), batch_size
         self.device, self.ctx, self.workers = device, ctx, workers
         self.read_seconds = 0.0
-        n_arrays = len(blocks) * max(1, views)
+        need = rows_bytes(store, len(self.rows), len(blocks) * max(1, views))
         if in_memory is None:
-            in_memory = fits_in_memory(store, len(self.rows), n_arrays, device)
+            in_memory = fits_in_memory(need, device)
         self.in_memory = in_memory
         self.views = views
         if in_memory:
@@ -63,9 +64,7 @@ class Feeder:
                     data.scales = torch.stack([p.scales for p in parts], 1)
             else:
                 data = load_rows(store, self.rows, blocks)
-            place = device if device.type == "cuda" and fits_in_memory(store, len(self.rows), n_arrays, device) \
-                else torch.device("cpu")
-            data = data.to(place)
+            data = data.to(device if fits_on_gpu(need, device) else torch.device("cpu"))
             self.read_seconds += time.perf_counter() - t0
             self.reader = InMemoryReader(data, batch_size, shuffle=shuffle, seed=seed, rank=ctx.rank,
                                          world=ctx.world)

@@ -226,9 +226,11 @@ def run_probe(train_path: str, eval_path: str, opts: ProbeOptions) -> list[dict]
         else:
             val, chosen = {}, {k: 0 for k in specs}
         selected = headset.select(chosen)
-        t_eval = time.perf_counter()
+        t_eval, eval_read0 = time.perf_counter(), eval_feed.read_seconds
         metrics = evaluate(selected, eval_feed, train.codec, device, ctx)
         t_end = time.perf_counter()
+        read_seconds = result.timings["read_seconds"] + eval_feed.read_seconds - eval_read0 + \
+            (val_feed.read_seconds if len(va_rows) else 0.0)
         for key, (kind, _pos) in specs.items():
             g = chosen[key]
             lr, wd = cfg.grid[g]
@@ -253,7 +255,7 @@ def run_probe(train_path: str, eval_path: str, opts: ProbeOptions) -> list[dict]
                 "metrics": {"val_top1": float(val[key]["top1"][g]) if val else None,
                             "eval_top1": float(m["top1"][0]),
                             "eval_top5": float(m["top5"][0]) if "top5" in m else None},
-                "timings": {"read_seconds": result.timings["read_seconds"] + eval_feed.read_seconds,
+                "timings": {"read_seconds": read_seconds,
                             "train_seconds": result.timings["train_seconds"],
                             "select_seconds": t_eval - t_val, "eval_seconds": t_end - t_eval,
                             "total_seconds": t_end - t_start, "steps": result.steps,

@@ -7,6 +7,7 @@ both ``zarr.Array`` and ``h5py.Dataset`` do natively.
 
 from __future__ import annotations
 
+import mmap
 import os
 from abc import ABC, abstractmethod
 from typing import Any
@@ -72,6 +73,12 @@ class Backend(ABC):
     def set_attrs(self, attrs: dict) -> None:
         """Replace the JSON attributes (only one process may call this)."""
 
+    def raw_chunk(self, name: str, c: int):
+        """A read-only ``np.memmap`` of chunk ``c`` of array ``name`` (its full chunk shape) when the chunk is
+        stored uncompressed in a local file, else None (then read through the library). Readers use it to copy
+        rows straight from the page cache into a batch, once."""
+        return None
+
     def flush(self) -> None:
         """Make what was written so far durable before a ``done`` flag is set."""
 
@@ -94,6 +101,18 @@ def backend_class(fmt: str) -> type[Backend]:
     from mimprobe.cache_store.hdf5_backend import HDF5Backend
 
     return HDF5Backend
+
+
+def map_file(path: str, dtype, shape, offset: int = 0) -> np.ndarray:
+    """A read-only array over ``shape`` elements of ``path`` at ``offset``, mapped with its pages populated in
+    one call (a fault per 4 KB page otherwise costs as much as the copy that follows)."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), nbytes + offset - start, flags=flags, prot=mmap.PROT_READ, offset=start)
+    return np.frombuffer(mm, dtype=dtype, count=int(np.prod(shape)), offset=offset - start).reshape(shape)
 
 
 def allocated_bytes(path: str) -> int:

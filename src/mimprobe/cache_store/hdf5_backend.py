@@ -14,7 +14,7 @@ import os
 import h5py
 import numpy as np
 
-from mimprobe.cache_store.backend import Backend, allocated_bytes, as_str_list, is_url
+from mimprobe.cache_store.backend import Backend, allocated_bytes, as_str_list, is_url, map_file
 from mimprobe.errors import UserError
 
 ATTRS_KEY = "mimprobe"  # all attributes as one JSON document, readable with plain h5py
@@ -75,6 +75,16 @@ class HDF5Backend(Backend):
 
     def has(self, name):
         return name in self.f
+
+    def raw_chunk(self, name, c):
+        ds = self.f[name]
+        if ds.chunks is None or ds.compression or ds.shuffle or ds.fletcher32 or ds.dtype.kind not in "fiub" \
+                or ds.dtype.byteorder == ">":
+            return None
+        info = ds.id.get_chunk_info_by_coord((c * ds.chunks[0],) + (0,) * (ds.ndim - 1))
+        if info.byte_offset is None or info.filter_mask:
+            return None
+        return map_file(self.path, ds.dtype, ds.chunks, offset=info.byte_offset)
 
     def read_strings(self, name, start=0, stop=None):
         return as_str_list(self.f[name].asstr()[start:stop])

@@ -44,15 +44,6 @@ class TokenBatch:
         return codec.decode(self.x, self.scales)
 
 
-def _cat(batches: list[TokenBatch]) -> TokenBatch:
-    return TokenBatch(
-        torch.cat([b.x for b in batches]),
-        None if batches[0].scales is None else torch.cat([b.scales for b in batches]),
-        torch.cat([b.y for b in batches]),
-        torch.cat([b.rows for b in batches]),
-    )
-
-
 def _rows_by_chunk(rows: np.ndarray, chunk_rows: int) -> dict[int, np.ndarray]:
     rows = np.unique(np.asarray(rows, dtype=np.int64))
     chunks = rows // chunk_rows
@@ -60,30 +51,59 @@ def _rows_by_chunk(rows: np.ndarray, chunk_rows: int) -> dict[int, np.ndarray]:
     return {int(part[0] // chunk_rows): part for part in np.split(rows, cuts) if len(part)}
 
 
-def read_chunk_rows(store: TokenStore, c: int, rows: np.ndarray, arrays: list[str]) -> TokenBatch:
-    """The selected ``rows`` (all inside chunk ``c``) of ``arrays``, from one whole-chunk read per array."""
-    a, b = store.chunk_bounds(c)
-    lo, hi = int(rows.min()), int(rows.max()) + 1  # a slice inside one chunk still reads that chunk once
-    sel = rows - lo
-    codec = store.codec
-    xs, ss = [], []
-    for name in arrays:
-        xs.append(codec.to_torch(np.asarray(store.backend.array(name)[lo:hi])[sel]))
-        if codec.quantized:
-            ss.append(torch.from_numpy(np.asarray(store.backend.array(scales_name(name))[lo:hi])[sel]))
-    return TokenBatch(
-        torch.stack(xs, 1),
-        torch.stack(ss, 1) if ss else None,
-        torch.from_numpy(store.labels[rows]),
-        torch.from_numpy(rows.astype(np.int64)),
-    )
+class ChunkRows:
+    """The selected ``rows`` of chunk ``c``: views of each array's chunk (memory maps of the chunk files where
+    the backend allows it, else one library read), not yet copied."""
+
+    def __init__(self, store: TokenStore, c: int, rows: np.ndarray, arrays: list[str]):
+        a, b = store.chunk_bounds(c)
+        self.rows = rows
+        self.local = rows - a
+        self.values = [self._view(store, name, c, a, b) for name in arrays]
+        self.scales = ([self._view(store, scales_name(name), c, a, b) for name in arrays]
+                       if store.codec.quantized else None)
+
+    @staticmethod
+    def _view(store: TokenStore, name: str, c: int, a: int, b: int) -> np.ndarray:
+        raw = store.backend.raw_chunk(name, c)
+        return raw[: b - a] if raw is not None else np.asarray(store.backend.array(name)[a:b])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def gather(parts: list[ChunkRows], picks: list[np.ndarray], labels: np.ndarray, codec: TokenCodec) -> TokenBatch:
+    """One batch holding, in order, rows ``picks[i]`` (positions) of ``parts[i]``: each byte copied once, from
+    the chunk views into the batch."""
+    n = sum(len(p) for p in picks)
+    first = parts[0]
+    L = len(first.values)
+
+    def take(get) -> np.ndarray:
+        proto = get(first)[0]
+        out = np.empty((L, n) + proto.shape[1:], proto.dtype)
+        pos = 0
+        for part, pk in zip(parts, picks):
+            idx = part.local[pk]
+            for l, view in enumerate(get(part)):
+                np.take(view, idx, axis=0, out=out[l, pos:pos + len(idx)], mode="clip")
+            pos += len(idx)
+        return out
+
+    x = codec.to_torch(take(lambda p: p.values)).transpose(0, 1)
+    scales = torch.from_numpy(take(lambda p: p.scales)).transpose(0, 1) if first.scales is not None else None
+    rows = np.concatenate([part.rows[pk] for part, pk in zip(parts, picks)])
+    return TokenBatch(x, scales, torch.from_numpy(labels[rows]), torch.from_numpy(rows))
 
 
 def load_rows(store: TokenStore, rows: np.ndarray, arrays: list[str] | None = None) -> TokenBatch:
     """Every selected row in memory (store order), read chunk by chunk."""
     arrays = arrays or ["tokens"]
-    parts = [read_chunk_rows(store, c, r, arrays) for c, r in _rows_by_chunk(rows, store.chunk_rows).items()]
-    return _cat(parts)
+    parts = [ChunkRows(store, c, r, arrays) for c, r in _rows_by_chunk(rows, store.chunk_rows).items()]
+    data = gather(parts, [np.arange(len(p)) for p in parts], store.labels, store.codec)
+    data.x = data.x.contiguous()
+    data.scales = None if data.scales is None else data.scales.contiguous()
+    return data
 
 
 def read_rows(store: TokenStore, rows, arrays: list[str] | None = None) -> TokenBatch:
@@ -94,27 +114,15 @@ def read_rows(store: TokenStore, rows, arrays: list[str] | None = None) -> Token
     return got.index(torch.from_numpy(pos))
 
 
-def _batches(buf: TokenBatch, batch_size: int, rng: np.random.Generator | None, final: bool, drop_last: bool):
-    """Split ``buf`` (shuffled when ``rng``) into full batches; return them and the remainder."""
-    if rng is not None:
-        buf = buf.index(torch.from_numpy(rng.permutation(len(buf))))
-    n_full = len(buf) // batch_size
-    out = [buf.index(slice(i * batch_size, (i + 1) * batch_size)) for i in range(n_full)]
-    rest = buf.index(slice(n_full * batch_size, len(buf)))
-    if final and len(rest) and not drop_last:
-        out.append(rest)
-        rest = None
-    return out, rest
-
-
 class ChunkShuffleReader(IterableDataset):
     """Streams batches of the selected rows of a store, reading whole chunks only.
 
     Each epoch: chunk order is a permutation seeded by (seed, epoch); ranks take every ``world``-th chunk and
     DataLoader workers every ``num_workers``-th of those; rows are shuffled within a buffer of
-    ``buffer_chunks`` chunks. With ``views`` > 0 each chunk of an epoch is read from one of the stored
-    augmented views (drawn by (seed, epoch, chunk)), so every sample gets one random view per epoch.
-    Use with ``DataLoader(reader, batch_size=None)``.
+    ``buffer_chunks`` chunks (rows left over at the end of a buffer join the next one). Inside a batch, rows
+    come grouped by chunk (the batch is still a random draw from the buffer). With ``views`` > 0 each chunk of
+    an epoch is read from one of the stored augmented views (drawn by (seed, epoch, chunk)), so every sample
+    gets one random view per epoch. Use with ``DataLoader(reader, batch_size=None)``.
     """
 
     def __init__(self, path: str, rows: np.ndarray, batch_size: int, *, fmt: str | None = None,
@@ -157,15 +165,29 @@ class ChunkShuffleReader(IterableDataset):
                 order = order[info.id::info.num_workers]
             rng = np.random.default_rng([self.seed, self.epoch, 2, 0 if info is None else info.id + 1]) \
                 if self.shuffle else None
-            rest = None
+            labels, codec, bs = store.labels, store.codec, self.batch_size
+            parts: list[ChunkRows] = []
+            pool = np.empty((0, 2), dtype=np.int64)  # (part index, position in part) of rows not yet yielded
             for start in range(0, len(order), self.buffer_chunks):
-                group = order[start:start + self.buffer_chunks]
-                parts = [read_chunk_rows(store, c, by_chunk[c], self._arrays(c)) for c in group]
-                if rest is not None and len(rest):
-                    parts.insert(0, rest)
+                new = [ChunkRows(store, c, by_chunk[c], self._arrays(c)) for c in order[start:start + self.buffer_chunks]]
+                keep = np.unique(pool[:, 0])  # drop parts whose rows were all yielded
+                remap = np.full(len(parts), -1)
+                remap[keep] = np.arange(len(keep))
+                parts = [parts[i] for i in keep] + new
+                pool[:, 0] = remap[pool[:, 0]]
+                fresh = [np.stack([np.full(len(p), len(keep) + i), np.arange(len(p))], 1) for i, p in enumerate(new)]
+                pool = np.concatenate([pool] + fresh)
+                if rng is not None:
+                    pool = pool[rng.permutation(len(pool))]
                 final = start + self.buffer_chunks >= len(order)
-                out, rest = _batches(_cat(parts), self.batch_size, rng, final, self.drop_last)
-                yield from out
+                n_out = len(pool) if final and not self.drop_last else len(pool) // bs * bs
+                for i in range(0, n_out, bs):
+                    sel = pool[i:i + bs]
+                    sel = sel[np.argsort(sel[:, 0], kind="stable")]  # group by chunk: one take per chunk
+                    cuts = np.flatnonzero(np.diff(sel[:, 0])) + 1
+                    groups = np.split(sel, cuts)
+                    yield gather([parts[g[0, 0]] for g in groups], [g[:, 1] for g in groups], labels, codec)
+                pool = pool[n_out:]
         finally:
             store.close()
 

@@ -13,8 +13,9 @@ import shutil
 
 import numpy as np
 import zarr
+from zarr.storage import LocalStore
 
-from mimprobe.cache_store.backend import Backend, allocated_bytes, as_str_list, is_url
+from mimprobe.cache_store.backend import Backend, allocated_bytes, as_str_list, is_url, map_file
 from mimprobe.errors import UserError
 
 ARRAY_CONFIG = {"write_empty_chunks": True}
@@ -40,10 +41,14 @@ def _fsspec(path: str):
         ) from None
 
 
+RAW_CODECS = ({"name": "bytes", "configuration": {"endian": "little"}},)
+
+
 class ZarrBackend(Backend):
     def __init__(self, group: zarr.Group, path: str):
         self.group = group
         self.path = path
+        self._raw: dict[str, tuple | None] = {}
 
     # --- container -----------------------------------------------------------------------------------
     @staticmethod
@@ -107,6 +112,29 @@ class ZarrBackend(Backend):
             return True
         except KeyError:
             return False
+
+    def _raw_layout(self, name):
+        """(chunk directory, dtype, chunk shape) when chunks of ``name`` are plain little-endian C-order files."""
+        if name not in self._raw:
+            arr = self.group[name]
+            meta = arr.metadata.to_dict()
+            store = arr.store_path.store
+            plain = (tuple(meta.get("codecs", ())) == RAW_CODECS and isinstance(store, LocalStore)
+                     and meta["chunk_key_encoding"] == {"name": "default", "configuration": {"separator": "/"}}
+                     and arr.dtype.kind in "fiub")
+            self._raw[name] = ((os.path.join(str(store.root), arr.store_path.path, "c"), arr.dtype, arr.chunks)
+                               if plain else None)
+        return self._raw[name]
+
+    def raw_chunk(self, name, c):
+        layout = self._raw_layout(name)
+        if layout is None:
+            return None
+        root, dtype, chunks = layout
+        path = os.path.join(root, str(c), *["0"] * (len(chunks) - 1))
+        if not os.path.isfile(path) or os.path.getsize(path) != int(np.prod(chunks)) * dtype.itemsize:
+            return None
+        return map_file(path, dtype, chunks)
 
     def read_strings(self, name, start=0, stop=None):
         return as_str_list(self.group[name][start:stop])

@@ -1,0 +1,116 @@
+"""Read path: the probe reader's shuffled epoch against a plain sequential memmap read of the same bytes.
+
+A: one epoch of the trainer's streaming path — ``Feeder(in_memory=False)``, i.e. ``ChunkShuffleReader`` over
+   every row (whole-chunk reads, chunk order shuffled, rows shuffled inside a buffer of 16 chunks) through
+   ``DataLoader(reader, batch_size=None, num_workers=W)`` — counting the token bytes of the batches it yields.
+B: ``np.load(..., mmap_mode="r")`` of a ``.npy`` file holding the identical (N, T, D) float16 array, read
+   sequentially and copied out in blocks of the same batch size (``np.array(mm[a:b])``), i.e. the same
+   arrays a consumer gets from A, without the chunk bookkeeping and the shuffle. (The block size matters: glibc
+   serves copies above its 32 MB mmap threshold from fresh pages, which costs a page fault per 4 KB, so A and
+   B must produce blocks of one size to compare reading, not allocation.)
+Ratio = A bytes/s ÷ B bytes/s, for zarr and HDF5 stores and each chunk size (default 64 and 256 rows of
+ViT-S/16-like tokens, 197×384 fp16). Page cache warm: every file is read once before timing and the resident
+fraction (mincore) is recorded. Headline: the lowest ratio. Target ≥ 0.8.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import torch
+
+import _bench
+import _fixtures as fx
+from mimprobe.cache_store import TokenStore
+from mimprobe.probe.feed import Feeder
+
+NAME = "read_path"
+TARGET = (">=", 0.8)
+
+
+def reader_case(path: str, fmt: str, batch_size: int, workers: int, buffer_chunks: int) -> _bench.Case:
+    """A: one shuffled epoch through the trainer's Feeder (streaming), bytes of the token batches yielded."""
+    store = TokenStore.open(path, "r", fmt)
+    rows = np.arange(store.num_samples)
+    nbytes = store.num_samples * store.num_tokens * store.dim * store.codec.storage_dtype.itemsize
+    epoch = [0]
+
+    def run():
+        feed = Feeder(store, rows, batch_size, device=torch.device("cpu"), blocks=["tokens"], shuffle=True,
+                      seed=0, in_memory=False, workers=workers, buffer_chunks=buffer_chunks)
+        feed.set_epoch(epoch[0])
+        epoch[0] += 1
+        got = sum(b.x.numel() * b.x.element_size() for b in feed)
+        assert got == nbytes, (got, nbytes)
+
+    return _bench.Case(f"ChunkShuffleReader ({fmt})", run, units=nbytes, unit="byte")
+
+
+def memmap_case(npy: str, block_rows: int) -> _bench.Case:
+    """B: sequential np.memmap read of the same array, copied out block by block."""
+    mm = np.load(npy, mmap_mode="r")
+    nbytes = mm.nbytes
+
+    def run():
+        got = 0
+        for a in range(0, len(mm), block_rows):
+            got += np.array(mm[a:a + block_rows]).nbytes
+        assert got == nbytes
+
+    return _bench.Case("np.memmap sequential", run, units=nbytes, unit="byte")
+
+
+def main(argv=None):
+    p = _bench.parser(__doc__)
+    p.add_argument("--n", type=int, default=None, help="rows (default 4096 = 620 MB per store; quick 256)")
+    p.add_argument("--tokens", type=int, default=197)
+    p.add_argument("--dim", type=int, default=384)
+    p.add_argument("--chunks", default="64,256", help="chunk rows to compare (comma list)")
+    p.add_argument("--formats", default="zarr,hdf5")
+    p.add_argument("--batch-size", type=int, default=256, help="probe batch size (the trainer's default 256)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers (the probe's default 0)")
+    p.add_argument("--buffer-chunks", type=int, default=16, help="the Feeder's default 16")
+    args = _bench.finish_args(p.parse_args(argv), quick={"n": 256}, full={"n": 4096})
+    _bench.set_threads(args.threads)
+    load0 = _bench.load_now()
+    results, resident = [], {}
+    with fx.workdir(args.workdir, "read") as tmp:
+        tokens = fx.vitlike_tokens(args.n, args.tokens, args.dim)
+        labels = np.arange(args.n) % 10
+        npy = fx.write_npy(os.path.join(tmp, "tokens.npy"), tokens)
+        stores = []
+        for fmt in args.formats.split(","):
+            for c in (int(x) for x in args.chunks.split(",")):
+                path = os.path.join(tmp, f"c{c}.{'zarr' if fmt == 'zarr' else 'h5'}")
+                fx.write_store(path, tokens, labels, fmt=fmt, chunk_rows=c)
+                stores.append((fmt, c, path))
+        del tokens
+        paths = [npy] + [s[2] for s in stores]
+        _bench.warm_page_cache(paths)
+        resident = {os.path.basename(p): _bench.resident_fraction(p) for p in paths}
+        for fmt, c, path in stores:
+            a = reader_case(path, fmt, args.batch_size, args.workers, args.buffer_chunks)
+            b = memmap_case(npy, args.batch_size)
+            res = _bench.alternate(a, b, reps=args.reps, warmup=args.warmup, ratio="rate", label=f"{fmt} c{c}")
+            res.update(format=fmt, chunk_rows=c, store_bytes_on_disk=_bench.size_of(path),
+                       payload_bytes=a.units)
+            results.append(res)
+        resident_after = {os.path.basename(p): _bench.resident_fraction(p) for p in paths}
+    for r in results:
+        print(f"{r['format']:<5} chunk {r['chunk_rows']:>4}: reader {r['A']['byte_per_s'] / 1e9:6.2f} GB/s  "
+              f"memmap {r['B']['byte_per_s'] / 1e9:6.2f} GB/s  ratio {r['ratio']:.3f} "
+              f"(paired median {r['paired_ratio_median']:.3f})")
+    headline = min(r["ratio"] for r in results)
+    _bench.report(NAME, args, headline=headline, headline_name="min reader/memmap bytes-per-second ratio",
+                  target=TARGET, results={"comparisons": results, "resident_before": resident,
+                                          "resident_after": resident_after},
+                  page_cache="warm: every file read once before timing (resident fractions in results)",
+                  load_before=load0,
+                  notes=[f"synthetic ViT-like float16 tokens ({args.n}x{args.tokens}x{args.dim}); "
+                         f"batch {args.batch_size}, {args.workers} DataLoader workers, buffer {args.buffer_chunks} chunks"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -25,9 +25,9 @@ def many_images(tmp_path_factory):
     return write_image_folder(tmp_path_factory.mktemp("many"), classes=("x", "y", "z", "w"), per_class=60)
 
 
-def _cmd(folder, store, ckpt):
+def _cmd(folder, store, ckpt, batch=4):
     return [sys.executable, "-m", "mimprobe", "extract", TINY, folder, store, "--checkpoint", ckpt,
-            "--img-size", str(IMG), "--chunk-rows", "8", "--batch-size", "4", "--workers", "1", "--quiet"]
+            "--img-size", str(IMG), "--chunk-rows", "8", "--batch-size", str(batch), "--workers", "1", "--quiet"]
 
 
 def _done_count(store: str) -> int:
@@ -50,12 +50,13 @@ def _arrays(store: str) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
-def test_sigkill_then_resume_is_bitwise_equal(tmp_path, many_images, tiny_ckpt, suffix):
+@pytest.mark.parametrize("suffix,batch", [(".zarr", 4), (".h5", 24)])  # batch 24: 3 chunks per batch
+def test_sigkill_then_resume_is_bitwise_equal(tmp_path, many_images, tiny_ckpt, suffix, batch):
     ref, crashed = str(tmp_path / f"ref{suffix}"), str(tmp_path / f"crash{suffix}")
-    subprocess.run(_cmd(many_images, ref, tiny_ckpt), check=True, capture_output=True)
+    subprocess.run(_cmd(many_images, ref, tiny_ckpt, batch), check=True, capture_output=True)
 
-    proc = subprocess.Popen(_cmd(many_images, crashed, tiny_ckpt), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(_cmd(many_images, crashed, tiny_ckpt, batch), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while _done_count(crashed) < 4 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
@@ -67,7 +68,7 @@ def test_sigkill_then_resume_is_bitwise_equal(tmp_path, many_images, tiny_ckpt, 
     assert not s.complete and 0 < n_done < s.num_chunks
     s.close()
 
-    r = subprocess.run(_cmd(many_images, crashed, tiny_ckpt), capture_output=True, text=True)
+    r = subprocess.run(_cmd(many_images, crashed, tiny_ckpt, batch), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     a, b = _arrays(ref), _arrays(crashed)
     assert b["complete"] and b["done"].all()
@@ -130,3 +131,19 @@ def test_resume_with_another_world_size_layout(tmp_path, image_folder):
     res = extract(TINY, image_folder, part, ExtractOptions(**opts))
     assert res.status == "complete" and res.rows_this_run == 10  # chunks 1 and 3 of 5 (rows 5-9, 15-19)
     assert np.array_equal(zarr.open_group(full)["tokens"][:], zarr.open_group(part)["tokens"][:])
+
+
+def test_plan_groups_chunks_into_batches_and_recomputes_whole_groups():
+    from mimprobe.extract.dataset import plan_chunks
+
+    done = np.zeros(10, bool)
+    p = plan_chunks(done, chunk_rows=4, num_samples=38, batch_size=8)
+    assert p.batches[0] == list(range(8)) and p.batches[-1] == [32, 33, 34, 35, 36, 37]  # 2 chunks per batch
+    assert p.write == set(range(10)) and p.num_rows == 38
+    done[[0, 1, 2]] = True  # group (2, 3) is recomputed whole so chunk 3 sees the batch it always sees
+    p = plan_chunks(done, chunk_rows=4, num_samples=38, batch_size=8)
+    assert p.batches[0] == list(range(8, 16)) and p.write == set(range(3, 10))
+    ranks = [plan_chunks(np.zeros(10, bool), 4, 38, 8, rank=r, world=2) for r in (0, 1)]
+    assert ranks[0].write == {0, 1, 4, 5, 8, 9} and ranks[1].write == {2, 3, 6, 7}
+    small = plan_chunks(np.zeros(3, bool), chunk_rows=10, num_samples=30, batch_size=4)
+    assert small.batches[:3] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]  # batches never straddle a chunk

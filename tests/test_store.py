@@ -16,7 +16,9 @@ def test_chunks_are_8_to_32_mb_for_real_models():
     for t, d in [(197, 768), (197, 384), (257, 1280), (577, 1024)]:
         c = chunk_rows_for(TokenCodec("float16").bytes_per_row(t, d), n=1_281_167)
         assert 8e6 <= c * t * d * 2 <= 32e6, (t, d, c)
+        assert c & (c - 1) == 0  # a power of two: batches of 256 hold whole chunks
     assert chunk_rows_for(10_000, n=5) == 5  # never more rows than samples
+    assert chunk_rows_for(200_000, n=100) == 50  # 2 chunks of 50, not 84 + 16 padded to 84
 
 
 def test_int8_error_bound_with_outlier_dims():

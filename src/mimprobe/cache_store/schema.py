@@ -21,6 +21,7 @@ plus JSON attributes (see :func:`identity_diff` for the ones that identify an ex
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -109,11 +110,12 @@ class TokenCodec:
 
 
 def chunk_rows_for(bytes_per_row: int, n: int, target: int = TARGET_CHUNK_BYTES) -> int:
-    """Rows per chunk so one chunk of one array is about ``target`` bytes (never more rows than samples)."""
-    rows = max(1, target // max(1, bytes_per_row))
-    if rows >= 64:
-        rows -= rows % 16
-    return int(max(1, min(rows, n)))
+    """Rows per chunk: the power of two nearest to ``target`` bytes per chunk of one array (so chunks group
+    evenly into power-of-two batches; 11-23 MB), then evened out over the chunks N needs, so a last partial
+    chunk (stored at full size by zarr) wastes little."""
+    rows = 2 ** max(0, round(math.log2(max(1.0, target / max(1, bytes_per_row)))))
+    n_chunks = -(-n // rows)
+    return int(max(1, -(-n // n_chunks)))
 
 
 def _get(d: dict, dotted: str):

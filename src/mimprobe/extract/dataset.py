@@ -6,6 +6,8 @@ Decoding happens here, in DataLoader workers. A sample that cannot be decoded is
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -41,14 +43,37 @@ class ExtractDataset(Dataset):
             return {"x": torch.zeros(self.shape), "ok": False, "reason": reason, "row": row}
 
 
-def chunk_batches(chunks: list[tuple[int, int, int]], batch_size: int) -> list[list[int]]:
-    """Batches of rows that never straddle a chunk: ``chunks`` is a list of (chunk, start, stop).
+@dataclass
+class ChunkPlan:
+    """What one process computes: ``batches`` of rows, and which chunks of them it writes."""
 
-    Keeping batches inside chunks makes every chunk's computation identical whichever chunks were already
-    done, which is what makes a resumed store bitwise equal to an uninterrupted one.
+    batches: list[list[int]]
+    write: set[int]
+    chunk_rows: int
+
+    @property
+    def num_rows(self) -> int:
+        return sum(len(b) for b in self.batches)
+
+
+def plan_chunks(done: np.ndarray, chunk_rows: int, num_samples: int, batch_size: int, rank: int = 0,
+                world: int = 1) -> ChunkPlan:
+    """Batches over the chunks this rank owns and that are not done yet.
+
+    Chunks form fixed groups of ``max(1, batch_size // chunk_rows)`` consecutive chunks; a batch never straddles
+    a group, and a group with any chunk left is computed whole (its done chunks are not rewritten). So every
+    chunk is always computed in the same batch whichever chunks were already done, whatever the number of
+    processes: a resumed store is bitwise equal to an uninterrupted one. Rank r owns groups r, r+W, ...
     """
-    out = []
-    for _c, a, b in chunks:
-        for s in range(a, b, batch_size):
-            out.append(list(range(s, min(s + batch_size, b))))
-    return out
+    n_chunks = len(done)
+    g = max(1, batch_size // chunk_rows)
+    groups = [range(j, min(j + g, n_chunks)) for j in range(0, n_chunks, g)][rank::world]
+    batches, write = [], set()
+    for grp in groups:
+        left = [c for c in grp if not done[c]]
+        if not left:
+            continue
+        write.update(left)
+        a, b = grp[0] * chunk_rows, min((grp[-1] + 1) * chunk_rows, num_samples)
+        batches += [list(range(s, min(s + batch_size, b))) for s in range(a, b, batch_size)]
+    return ChunkPlan(batches, write, chunk_rows)

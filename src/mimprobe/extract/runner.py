@@ -28,7 +28,7 @@ from mimprobe.distributed import all_gather_object, barrier, broadcast_object, i
 from mimprobe.errors import UserError
 from mimprobe.fmt import human_bytes
 from mimprobe.extract.backbone import Backbone, block_tokens, load_backbone
-from mimprobe.extract.dataset import ExtractDataset, chunk_batches
+from mimprobe.extract.dataset import ChunkPlan, ExtractDataset, plan_chunks
 from mimprobe.extract.writer import ChunkWriter
 
 log = logging.getLogger("mimprobe")
@@ -216,14 +216,12 @@ def extract(model: str, data: str, store_path: str, opts: ExtractOptions | None 
         store.close()
         return res
 
-    done = store.done()
-    todo = [c for c in range(store.num_chunks) if c % ctx.world == ctx.rank and not done[c]]
-    spans = [(c, *store.chunk_bounds(c)) for c in todo]
+    plan = plan_chunks(store.done(), store.chunk_rows, store.num_samples, opts.batch_size, ctx.rank, ctx.world)
     store.close()  # re-opened for writing once the decode workers exist, so they never inherit its handle
     bb.model.to(device)
     t0 = time.perf_counter()
     dataset = ExtractDataset(source, rows, bb.data_config, views=opts.views, seed=opts.seed)
-    n_rows, reasons = extract_chunks(store_path, spans, bb, dataset, opts, layers, device, fmt=fmt,
+    n_rows, reasons = extract_chunks(store_path, plan, bb, dataset, opts, layers, device, fmt=fmt,
                                      locate=lambda r: source.locate(int(rows[r])))
     seconds = time.perf_counter() - t0
     store = TokenStore.open(store_path, "r+" if ctx.is_main else "r", fmt)
@@ -251,21 +249,19 @@ def extract(model: str, data: str, store_path: str, opts: ExtractOptions | None 
     return result
 
 
-def extract_chunks(path: str, spans: list[tuple[int, int, int]], bb: Backbone, dataset, opts: ExtractOptions,
-                   layers: list[int], device: torch.device, *, fmt: str | None = None,
-                   locate=None) -> tuple[int, dict[int, str]]:
-    """The pipeline core: decode (DataLoader workers) → forward → background chunk writes, for the chunks in
-    ``spans`` ((chunk, first row, end row) of an existing store). ``dataset[row]`` returns
+def extract_chunks(path: str, plan: ChunkPlan, bb: Backbone, dataset, opts: ExtractOptions, layers: list[int],
+                   device: torch.device, *, fmt: str | None = None, locate=None) -> tuple[int, dict[int, str]]:
+    """The pipeline core: decode (DataLoader workers) → forward → background chunk writes, for the batches of
+    ``plan`` (see :func:`plan_chunks`) on an existing store. ``dataset[row]`` returns
     ``{"x": (1 + views, 3, H, W), "ok": bool, "reason": str, "row": row}`` (see :class:`ExtractDataset`).
     Returns the rows processed and the reasons of skipped rows."""
     reasons: dict[int, str] = {}
-    if not spans:
+    if not plan.batches:
         return 0, reasons
     locate = locate or (lambda r: f"row {r}")
-    batches = chunk_batches(spans, opts.batch_size)
     workers = opts.workers if opts.workers is not None else min(8, os.cpu_count() or 1)
     loader = DataLoader(
-        dataset, batch_sampler=batches, num_workers=workers, pin_memory=device.type == "cuda",
+        dataset, batch_sampler=plan.batches, num_workers=workers, pin_memory=device.type == "cuda",
         prefetch_factor=4 if workers > 0 else None, persistent_workers=False,
     )
     last = bb.num_blocks - 1
@@ -276,15 +272,12 @@ def extract_chunks(path: str, spans: list[tuple[int, int, int]], bb: Backbone, d
     batch_iter = iter(loader)  # starts (forks) the decode workers
     store = TokenStore.open(path, "r+", fmt)  # opened after the fork: workers never hold its handle
     writer = ChunkWriter(store)
-    span_iter = iter(spans)
-    cur_c, cur_a, cur_b = next(span_iter)
-    parts: dict[str, list[torch.Tensor]] = {}
-    valid_parts: list[np.ndarray] = []
-    filled = 0
-    n_rows = 0
+    C = plan.chunk_rows
+    pending: dict[int, tuple[dict[str, list[torch.Tensor]], list[np.ndarray]]] = {}
     rank = int(os.environ.get("RANK", "0"))
-    bar = tqdm(total=sum(b - a for _, a, b in spans), unit="img", desc=f"extract (rank {rank})" if rank else "extract",
+    bar = tqdm(total=plan.num_rows, unit="img", desc=f"extract (rank {rank})" if rank else "extract",
                disable=True if opts.quiet else None, dynamic_ncols=True, position=rank)
+    n_rows = 0
     try:
         with torch.inference_mode():
             for batch in batch_iter:
@@ -303,24 +296,33 @@ def extract_chunks(path: str, spans: list[tuple[int, int, int]], bb: Backbone, d
                 b, v = x.shape[:2]
                 with autocast:
                     outs = block_tokens(bb.model, x.flatten(0, 1), layers)
+                arrays = {}
                 for k, out in zip(layers, outs):
                     out = out.view(b, v, *out.shape[1:]).to(transfer)
                     if not ok.all():  # skipped samples are stored as zeros
                         out[torch.from_numpy(~ok).to(device)] = 0
-                    parts.setdefault(names[k], []).append(out[:, 0].cpu())
+                    out = out.cpu()
+                    arrays[names[k]] = out[:, 0]
                     if k == last:
-                        for j in range(1, v):
-                            parts.setdefault(f"views/{j - 1}", []).append(out[:, j].cpu())
-                valid_parts.append(ok)
-                filled += b
+                        arrays.update({f"views/{j - 1}": out[:, j] for j in range(1, v)})
+                # hand each finished chunk to the writer (a batch may hold several chunks, or part of one)
+                r0 = int(batch["row"][0])
+                pos = 0
+                while pos < b:
+                    c = (r0 + pos) // C
+                    end = min(b, (c + 1) * C - r0)
+                    if c in plan.write:
+                        parts, valid = pending.setdefault(c, ({}, []))
+                        for name, t in arrays.items():
+                            parts.setdefault(name, []).append(t[pos:end])
+                        valid.append(ok[pos:end])
+                        lo, hi = store.chunk_bounds(c)
+                        if sum(len(x) for x in valid) == hi - lo:
+                            writer.put(c, parts, np.concatenate(valid))  # concatenated on the writer thread
+                            del pending[c]
+                    pos = end
                 n_rows += b
                 bar.update(b)
-                if filled == cur_b - cur_a:
-                    writer.put(cur_c, parts, np.concatenate(valid_parts))  # concatenated on the writer thread
-                    parts, valid_parts, filled = {}, [], 0
-                    nxt = next(span_iter, None)
-                    if nxt is not None:
-                        cur_c, cur_a, cur_b = nxt
         writer.close()
     finally:
         bar.close()

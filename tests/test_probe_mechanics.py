@@ -49,7 +49,7 @@ def test_grid_in_one_pass_equals_each_head_alone(stores, kind, optimizer):
                       in_memory=True)
         hs = build_heads({kind: (kind, [0])}, dim=16, num_classes=3, num_prefix=1, members=len(cfg.grid), seed=7,
                          norm=None)
-        return train_grid(hs, feed, cfg, store.codec, torch.device("cpu")).heads.heads[kind]
+        return train_grid(hs, feed, cfg, torch.device("cpu")).heads.heads[kind]
 
     together = train(grid)
     for g, (lr, wd) in enumerate(grid.grid):
@@ -236,3 +236,29 @@ def test_save_heads_and_predict(stores, tmp_path, cli):
     assert f"top-1 {acc:.2f}%" in out
     lines = preds.read_text().splitlines()
     assert lines[0].startswith("sample_id,label,pred") and len(lines) == 91
+
+
+def test_linear_only_runs_pool_once_with_identical_results(tmp_path):
+    """Linear heads alone train on features pooled in one pass; same numbers as the token path, and the saved
+    heads still read full tokens (final norm and prefix tokens included)."""
+    from mimprobe.probe import run_predict
+
+    x, y = _data(T=10)
+    xe, ye = _data(90, T=10, seed=1)
+    norm = {"weight": torch.linspace(0.5, 2, 16), "bias": torch.linspace(-1, 1, 16)}
+    tr = synthetic_store(tmp_path / "tr.zarr", x, y, num_prefix_tokens=2, final_norm=norm)
+    te = synthetic_store(tmp_path / "te.zarr", xe, ye, num_prefix_tokens=2, final_norm=norm)
+    common = dict(lrs=[1e-3, 1e-2], wds=[1e-4], epochs=3, batch_size=32, quiet=True, device="cpu", final_norm=True)
+    pooled = run_probe(tr, te, ProbeOptions(heads=["linear-cls", "linear-mean"], save_heads=str(tmp_path / "h"),
+                                            **common))
+    tokens = run_probe(tr, te, ProbeOptions(heads=["linear-cls", "linear-mean", "abmilp"], **common))
+    assert all(r["timings"]["pooled_once"] for r in pooled) and not tokens[0]["timings"]["pooled_once"]
+    by_head = {r["head"]: r for r in tokens}
+    for r in pooled:
+        t = by_head[r["head"]]
+        assert r["chosen"] == t["chosen"]
+        assert r["metrics"]["val_top1"] == pytest.approx(t["metrics"]["val_top1"])
+        assert r["metrics"]["eval_top1"] == pytest.approx(t["metrics"]["eval_top1"])
+    for r in pooled:
+        res = run_predict(str(tmp_path / "h" / r["head"] / "seed0"), te, None, device="cpu")
+        assert res["top1"] == pytest.approx(r["metrics"]["eval_top1"])

@@ -103,7 +103,7 @@ def probe(
     eval_store: str = typer.Argument(..., help="store to report on (never used for choosing)"),
     head: Optional[list[str]] = typer.Option(None, "--head", help="head kind(s), repeat or comma list "
                                              "(default linear-cls,linear-mean,abmilp)"),
-    lr: Optional[str] = typer.Option(None, help="learning rates, comma list (default 1e-4,3e-4,1e-3,3e-3; "
+    lr: Optional[str] = typer.Option(None, help="learning rates, comma list (default 1e-4,3e-4,1e-3,3e-3,1e-2; "
                                      "lars: base lr 0.1)"),
     wd: Optional[str] = typer.Option(None, help="weight decays, comma list (default 5e-4,5e-2; lars: 0)"),
     epochs: int = typer.Option(10),

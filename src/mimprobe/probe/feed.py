@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mimprobe.cache_store.reader import ChunkShuffleReader, InMemoryReader, TokenBatch, load_rows
+from mimprobe.cache_store.schema import TokenCodec
 from mimprobe.cache_store.store import TokenStore
 from mimprobe.distributed import DistContext
 
@@ -47,6 +48,7 @@ class Feeder:
                  ctx: DistContext = DistContext(), views: int = 0, buffer_chunks: int = 16):
         self.store, self.rows, self.batch_size = store, np.asarray(rows), batch_size
         self.device, self.ctx, self.workers = device, ctx, workers
+        self.codec = store.codec
         self.read_seconds = 0.0
         need = rows_bytes(store, len(self.rows), len(blocks) * max(1, views))
         if in_memory is None:
@@ -77,6 +79,17 @@ class Feeder:
                                              views=views, buffer_chunks=buffer_chunks)
         if not (in_memory and views):
             self.epoch = 0
+
+    @classmethod
+    def from_batch(cls, data: TokenBatch, batch_size: int, *, device: torch.device, shuffle: bool, seed: int,
+                   codec: TokenCodec, read_seconds: float = 0.0) -> "Feeder":
+        """A feeder over rows already in memory (e.g. features pooled once), this process's share only."""
+        self = cls.__new__(cls)
+        self.store, self.rows, self.batch_size = None, data.rows.numpy(), batch_size
+        self.device, self.ctx, self.workers, self.codec = device, DistContext(), 0, codec
+        self.read_seconds, self.in_memory, self.views, self.epoch = read_seconds, True, 0, 0
+        self.reader = InMemoryReader(data, batch_size, shuffle=shuffle, seed=seed)
+        return self
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

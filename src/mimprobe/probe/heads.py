@@ -154,6 +154,14 @@ class GridHead(nn.Module):
         return one.train(self.training)
 
 
+def prepool(x: torch.Tensor, num_prefix: int, has_cls: bool) -> torch.Tensor:
+    """Everything the parameter-free-pooling (linear) heads read, computed once: (B, L, T, D) → (B, L, 2, D) =
+    [[cls], mean of patch tokens], or (B, L, 1, D) = [mean] without a [cls]. Linear heads built with
+    ``num_prefix = 1 if has_cls else 0`` read it exactly as they read the full tokens."""
+    mean = x[:, :, num_prefix:].mean(2, keepdim=True)
+    return torch.cat([x[:, :, :1], mean], 2) if has_cls else mean
+
+
 @register("linear-cls")
 class LinearCls(GridHead):
     needs_cls = True

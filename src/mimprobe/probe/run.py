@@ -17,16 +17,18 @@ from mimprobe.distributed import init_distributed, resolve_device
 from mimprobe.errors import UserError
 from mimprobe.probe import subsets
 from mimprobe.probe.feed import Feeder
-from mimprobe.probe.heads import HEADS
+from mimprobe.cache_store.reader import TokenBatch
+from mimprobe.cache_store.schema import TokenCodec
+from mimprobe.probe.heads import HEADS, create_head, prepool
 from mimprobe.probe.optim import OPTIMIZERS
 from mimprobe.probe.results import append_jsonl, model_ref, now, store_ref, versions
 from mimprobe.probe.saved import head_blocks, load_head, save_head
-from mimprobe.probe.trainer import TrainConfig, build_heads, evaluate, predict, train_grid
+from mimprobe.probe.trainer import HeadSet, TokenNorm, TrainConfig, build_heads, evaluate, predict, train_grid
 
 log = logging.getLogger("mimprobe")
 
 DEFAULT_HEADS = ["linear-cls", "linear-mean", "abmilp"]
-DEFAULT_LRS = {"adamw": [1e-4, 3e-4, 1e-3, 3e-3], "lars": [0.1]}
+DEFAULT_LRS = {"adamw": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2], "lars": [0.1]}
 DEFAULT_WDS = {"adamw": [5e-4, 5e-2], "lars": [0.0]}
 
 
@@ -203,8 +205,20 @@ def run_probe(train_path: str, eval_path: str, opts: ProbeOptions) -> list[dict]
                     "model's published numbers", train.path)
 
     views = train.num_views
-    eval_feed = Feeder(ev, eval_rows, cfg.batch_size, device=device, blocks=arrays, shuffle=False, seed=0,
-                       in_memory=opts.in_memory, workers=opts.workers, ctx=ctx)
+    norm = train.final_norm() if opts.final_norm else None
+    # linear heads only: pool every sample once, then train on the pooled features (no token re-reads)
+    pool_once = views == 0 and all(HEADS[kind].shared_pool for kind, _ in specs.values())
+    head_prefix = (1 if has_cls else 0) if pool_once else train.num_prefix_tokens
+
+    def feeder(store, rows, shuffle, seed, views=0):
+        if not pool_once:
+            return Feeder(store, rows, cfg.batch_size, device=device, blocks=arrays, shuffle=shuffle, seed=seed,
+                          in_memory=opts.in_memory, workers=opts.workers, ctx=ctx, views=views)
+        stream = Feeder(store, rows, max(cfg.batch_size, 1024), device=device, blocks=arrays, shuffle=False,
+                        seed=0, in_memory=False, workers=opts.workers, ctx=ctx)
+        return pooled_feeder(stream, norm, train.num_prefix_tokens, has_cls, cfg.batch_size, shuffle, seed)
+
+    eval_feed = feeder(ev, eval_rows, False, 0)
     protocol = _protocol(opts, train, blocks, cfg)
     records = []
     for seed in opts.seeds:
@@ -212,22 +226,20 @@ def run_probe(train_path: str, eval_path: str, opts: ProbeOptions) -> list[dict]
         cfg.seed = seed
         sub = _subset(opts, train, train_rows, seed)
         tr_rows, va_rows = subsets.val_split(sub.rows, train.labels, opts.val_fraction, seed)
-        train_feed = Feeder(train, tr_rows, cfg.batch_size, device=device, blocks=arrays, shuffle=True, seed=seed,
-                            in_memory=opts.in_memory, workers=opts.workers, ctx=ctx, views=views)
-        headset = build_heads(specs, dim=train.dim, num_classes=num_classes, num_prefix=train.num_prefix_tokens,
-                              members=len(cfg.grid), seed=seed, norm=train.final_norm() if opts.final_norm else None)
-        result = train_grid(headset, train_feed, cfg, train.codec, device, ctx)
+        train_feed = feeder(train, tr_rows, True, seed, views)
+        headset = build_heads(specs, dim=train.dim, num_classes=num_classes, num_prefix=head_prefix,
+                              members=len(cfg.grid), seed=seed, norm=None if pool_once else norm)
+        result = train_grid(headset, train_feed, cfg, device, ctx)
         t_val = time.perf_counter()
         if len(va_rows):
-            val_feed = Feeder(train, va_rows, cfg.batch_size, device=device, blocks=arrays, shuffle=False, seed=0,
-                              in_memory=opts.in_memory, workers=opts.workers, ctx=ctx)
-            val = evaluate(headset, val_feed, train.codec, device, ctx)
+            val_feed = feeder(train, va_rows, False, 0)
+            val = evaluate(headset, val_feed, device, ctx)
             chosen = {k: int(torch.argmax(v["top1"])) for k, v in val.items()}
         else:
             val, chosen = {}, {k: 0 for k in specs}
         selected = headset.select(chosen)
         t_eval, eval_read0 = time.perf_counter(), eval_feed.read_seconds
-        metrics = evaluate(selected, eval_feed, train.codec, device, ctx)
+        metrics = evaluate(selected, eval_feed, device, ctx)
         t_end = time.perf_counter()
         read_seconds = result.timings["read_seconds"] + eval_feed.read_seconds - eval_read0 + \
             (val_feed.read_seconds if len(va_rows) else 0.0)
@@ -260,15 +272,16 @@ def run_probe(train_path: str, eval_path: str, opts: ProbeOptions) -> list[dict]
                             "select_seconds": t_eval - t_val, "eval_seconds": t_end - t_eval,
                             "total_seconds": t_end - t_start, "steps": result.steps,
                             "heads_trained_together": len(specs) * len(cfg.grid),
-                            "in_memory": train_feed.in_memory},
+                            "in_memory": train_feed.in_memory, "pooled_once": pool_once},
                 "device": device.type,
                 "world_size": ctx.world,
                 "versions": versions(),
             }
             records.append(rec)
             if opts.save_heads and ctx.is_main:
+                saved = token_heads(selected, train.num_prefix_tokens, norm) if pool_once else selected
                 save_head(os.path.join(opts.save_heads, key.replace("@", "_at_").replace(",", "_"), f"seed{seed}"),
-                          selected, key, {"blocks": blocks, "class_names": train.class_names,
+                          saved, key, {"blocks": blocks, "class_names": train.class_names,
                                           "model": train.attrs["model"], "preprocessing": train.attrs["preprocessing"],
                                           "record": {k: rec[k] for k in ("head", "seed", "chosen", "metrics")}})
     if opts.out and ctx.is_main:
@@ -276,6 +289,34 @@ def run_probe(train_path: str, eval_path: str, opts: ProbeOptions) -> list[dict]
     train.close()
     ev.close()
     return records
+
+
+def pooled_feeder(stream: Feeder, norm: dict | None, num_prefix: int, has_cls: bool, batch_size: int,
+                  shuffle: bool, seed: int) -> Feeder:
+    """One streaming pass over ``stream``: tokens → (final norm) → :func:`prepool`, kept in memory."""
+    t0 = time.perf_counter()
+    token_norm = TokenNorm(norm).to(stream.device) if norm is not None else None
+    xs, ys, rows = [], [], []
+    with torch.no_grad():
+        for b in stream:
+            x = b.decode(stream.codec)
+            xs.append(prepool(token_norm(x) if token_norm is not None else x, num_prefix, has_cls))
+            ys.append(b.y)
+            rows.append(b.rows)
+    data = TokenBatch(torch.cat(xs), None, torch.cat(ys), torch.cat(rows))
+    return Feeder.from_batch(data, batch_size, device=stream.device, shuffle=shuffle, seed=seed,
+                             codec=TokenCodec("float32"), read_seconds=time.perf_counter() - t0)
+
+
+def token_heads(pooled: HeadSet, num_prefix: int, norm: dict | None) -> HeadSet:
+    """Heads trained on :func:`prepool` features, rebuilt to read full tokens (same parameters)."""
+    heads = {}
+    for key, head in pooled.heads.items():
+        cfg = head.config()
+        h = create_head(cfg.pop("kind"), members=1, seed=head.seed, **dict(cfg, num_prefix=num_prefix))
+        h.load_state_dict(head.state_dict())
+        heads[key] = h
+    return HeadSet(heads, pooled.inputs, TokenNorm(norm) if norm is not None else None)
 
 
 def run_predict(head_dir: str, store_path: str, out: str | None, batch_size: int = 256, device: str = "auto",
@@ -305,7 +346,7 @@ def run_predict(head_dir: str, store_path: str, out: str | None, batch_size: int
         writer = csv.writer(f)
         writer.writerow(["sample_id", "label", "pred", "pred_name", "prob", "top5"])
     try:
-        for r, y, top, p in predict(headset, feed, store.codec):
+        for r, y, top, p in predict(headset, feed):
             has = y >= 0
             labelled += int(has.sum())
             correct += int((top[:, 0] == y)[has].sum())

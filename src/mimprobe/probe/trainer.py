@@ -108,7 +108,7 @@ def _effective_lrs(cfg: TrainConfig, world: int) -> torch.Tensor:
     return lrs
 
 
-def train_grid(headset: HeadSet, train: Feeder, cfg: TrainConfig, codec, device: torch.device,
+def train_grid(headset: HeadSet, train: Feeder, cfg: TrainConfig, device: torch.device,
                ctx: DistContext = DistContext()) -> GridResult:
     headset.to(device).train()
     model: nn.Module = headset
@@ -137,7 +137,7 @@ def train_grid(headset: HeadSet, train: Feeder, cfg: TrainConfig, codec, device:
             if i >= steps_per_epoch:
                 break
             t0 = time.perf_counter()
-            x = batch.decode(codec)
+            x = batch.decode(train.codec)
             logits = model(x)
             y = batch.y
             loss = sum(F.cross_entropy(lg.flatten(0, 1), y.repeat(lg.shape[0]), reduction="sum") / len(y)
@@ -158,7 +158,7 @@ def train_grid(headset: HeadSet, train: Feeder, cfg: TrainConfig, codec, device:
 
 
 @torch.no_grad()
-def evaluate(headset: HeadSet, feeder: Feeder, codec, device: torch.device,
+def evaluate(headset: HeadSet, feeder: Feeder, device: torch.device,
              ctx: DistContext = DistContext()) -> dict[str, dict[str, torch.Tensor]]:
     """Per kind: correct counts per member for top-1 / top-5 and the number of samples (summed over ranks)."""
     headset.to(device).eval()
@@ -166,7 +166,7 @@ def evaluate(headset: HeadSet, feeder: Feeder, codec, device: torch.device,
     n = torch.zeros((), dtype=torch.long, device=device)
     feeder.set_epoch(0)
     for batch in feeder:
-        logits = headset(batch.decode(codec))
+        logits = headset(batch.decode(feeder.codec))
         n += len(batch)
         for k, lg in logits.items():
             c = counts.setdefault(k, {})
@@ -187,12 +187,12 @@ def evaluate(headset: HeadSet, feeder: Feeder, codec, device: torch.device,
 
 
 @torch.no_grad()
-def predict(headset: HeadSet, feeder: Feeder, codec, k: int = 5):
+def predict(headset: HeadSet, feeder: Feeder, k: int = 5):
     """Yields (rows, labels, top-k indices, top-k probabilities) per batch for a one-member head set."""
     headset.eval()
     feeder.set_epoch(0)
     for batch in feeder:
-        (lg,) = headset(batch.decode(codec)).values()
+        (lg,) = headset(batch.decode(feeder.codec)).values()
         p = lg[0].softmax(-1)
         top = p.topk(min(k, p.shape[-1]), dim=-1)
         yield batch.rows.cpu(), batch.y.cpu(), top.indices.cpu(), top.values.cpu()

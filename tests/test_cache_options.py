@@ -95,7 +95,6 @@ def test_views_resume_bitwise_and_views_differ(tmp_path, tiny_ckpt):
 
 def test_views_probe_draws_one_view_per_epoch(tmp_path):
     from conftest import synthetic_store
-    from mimprobe.cache_store.reader import ChunkShuffleReader
     from mimprobe.probe.feed import Feeder
 
     n = 40

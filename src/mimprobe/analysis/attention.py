@@ -232,7 +232,8 @@ def run_attention(model: str, data: str, *, checkpoint: str | None = None, pretr
 
 def save_attention(result: dict, out_dir: str) -> tuple[str, str]:
     """Write ``out_dir/attention.json`` and ``out_dir/attention.png`` (see :func:`attention_figure`)."""
-    from mimprobe.analysis.plots import attention_figure, save_figure
+    from mimprobe.analysis.plots import attention_figure
+    from mimprobe.plotting import save_figure
 
     os.makedirs(out_dir, exist_ok=True)
     json_path = os.path.join(out_dir, "attention.json")
@@ -260,7 +261,8 @@ def compare(json_paths: list[str], plot_path: str, metric: str = "cls"):
     """Several attention results on one figure: one line per file (``metric``: ``cls`` = normalised [cls]
     entropy, ``patch`` = normalised patch entropy, ``cls_self``, or any per-block field name), labelled by
     model name and weights. Returns the matplotlib figure; the PNG goes to ``plot_path``."""
-    from mimprobe.analysis.plots import compare_figure, save_figure
+    from mimprobe.analysis.plots import compare_figure
+    from mimprobe.plotting import save_figure
 
     if not json_paths:
         raise UserError("--compare: give at least one attention.json file")

@@ -91,7 +91,8 @@ def heatmaps(head_dir: str, data: str, images: int = 16, out_dir: str = "heatmap
     """Draw the head's attention for ``images`` images of ``data`` (a seeded random subset): one PNG per image
     (title: sample id, true and predicted class) and ``grid.png``. Returns a summary with the files written."""
     from mimprobe.analysis.inputs import image_batches, sample_rows
-    from mimprobe.analysis.plots import grid_figure, heatmap_figure, save_figure
+    from mimprobe.analysis.plots import grid_figure, heatmap_figure
+    from mimprobe.plotting import save_figure
     from mimprobe.data import open_source
     from mimprobe.distributed import resolve_device
     from mimprobe.probe.saved import load_head

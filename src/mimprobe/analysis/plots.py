@@ -12,7 +12,7 @@ import os
 import numpy as np
 from matplotlib.figure import Figure
 
-from mimprobe.plotting import new_figure, save_figure
+from mimprobe.plotting import new_figure
 
 LABELS = {
     "cls_patch_entropy_norm": "[cls] → patches entropy / log N",

@@ -26,7 +26,6 @@ import math
 import zlib
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mimprobe.errors import UserError

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 
-import torch
 from safetensors.torch import load_file, save_file
 
 from mimprobe.errors import UserError

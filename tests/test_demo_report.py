@@ -79,6 +79,7 @@ def test_report_mean_std_md_and_csv(tmp_path, cli):
         means = {h: float(row[h].split(" ")[0]) for h in ("linear-mean", "abmilp")}
         assert row["best"] == max(means, key=means.get)
         assert row["tokens"] == "raw" and row["views"] == "0" and row["selection"] == "fixed lr/wd"
+        assert row["dtype"] == "float16"
     # the best cell of each md row is bold
     for line in md.splitlines()[2:4]:
         assert line.count("**") == 2

@@ -27,7 +27,7 @@ def store_ref(store) -> dict:
     ds = a.get("dataset", {})
     return {"path": store.path, "source": ds.get("source"), "root": ds.get("root"), "split": ds.get("split"),
             "num_samples": store.num_samples, "content_hash": ds.get("content_hash"),
-            "num_classes": ds.get("num_classes")}
+            "num_classes": ds.get("num_classes"), "dtype": a.get("dtype"), "views": store.num_views}
 
 
 def model_ref(store) -> dict:

@@ -57,10 +57,11 @@ def _row_key(r: dict) -> tuple:
     dataset = ":".join(x for x in (ds.get("source"), root if root != ds.get("source") else None, ds.get("split")) if x)
     tokens = "final-norm" if p["tokens"].startswith("final") else "raw"
     selection = "fixed lr/wd" if p["selection"].startswith("none") else "val split of train"
-    return (model, dataset, _subset_label(r["subset"]), tokens, str(p.get("views", 0)), selection)
+    dtype = r["train_store"].get("dtype") or "?"
+    return (model, dataset, _subset_label(r["subset"]), dtype, tokens, str(p.get("views", 0)), selection)
 
 
-ROW_COLUMNS = ("model", "dataset", "train subset", "tokens", "views", "selection")
+ROW_COLUMNS = ("model", "dataset", "train subset", "dtype", "tokens", "views", "selection")
 
 
 @dataclass

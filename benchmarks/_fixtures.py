@@ -174,8 +174,8 @@ def predecode(folder: str, n: int, data_config: dict, seed: int = 0) -> tuple[to
 
 
 def batches_of(pool: torch.Tensor, n: int, batch_size: int, chunk_rows: int) -> list[torch.Tensor]:
-    """The batches the extraction pipeline forms for rows 0..n-1 (never straddling a chunk), pre-stacked."""
-    from mimprobe.extract.dataset import chunk_batches
+    """The batches the extraction pipeline forms for rows 0..n-1 (see ``plan_chunks``), pre-stacked."""
+    from mimprobe.extract.dataset import plan_chunks
 
-    spans = [(c, a, min(a + chunk_rows, n)) for c, a in enumerate(range(0, n, chunk_rows))]
-    return [pool[torch.as_tensor(rows) % len(pool)] for rows in chunk_batches(spans, batch_size)]
+    plan = plan_chunks(np.zeros(-(-n // chunk_rows), bool), chunk_rows, n, batch_size)
+    return [pool[torch.as_tensor(rows) % len(pool)] for rows in plan.batches]

@@ -27,6 +27,7 @@ import torch
 import _bench
 import _fixtures as fx
 from mimprobe.extract.backbone import Backbone, block_tokens, load_backbone
+from mimprobe.extract.dataset import ChunkPlan, plan_chunks
 from mimprobe.extract.runner import ExtractOptions, extract, extract_chunks
 from mimprobe.cache_store import TokenStore
 
@@ -39,33 +40,33 @@ def autocast_for(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def create_store(path: str, bb: Backbone, n: int, *, chunk_rows: int | None, dtype: str = "float16",
-                 fmt: str = "zarr") -> list[tuple[int, int, int]]:
-    """An empty store shaped for ``bb``'s tokens of ``n`` rows; returns the spans of all its chunks."""
+def create_store(path: str, bb: Backbone, n: int, *, chunk_rows: int | None, batch_size: int,
+                 dtype: str = "float16", fmt: str = "zarr") -> ChunkPlan:
+    """An empty store shaped for ``bb``'s tokens of ``n`` rows; returns the pipeline's plan for all of it."""
     attrs = fx.store_attrs(n, bb.num_tokens, bb.embed_dim, prefix=int(bb.info["num_prefix_tokens"]),
                            model=bb.info, preprocessing=bb.data_config, source="predecoded")
     s = TokenStore.create(path, attrs=attrs, num_tokens=bb.num_tokens, dim=bb.embed_dim, labels=np.zeros(n, np.int64),
                           sample_ids=[str(i) for i in range(n)], dtype=dtype, chunk_rows=chunk_rows, fmt=fmt,
                           final_norm=bb.final_norm, overwrite=True)
-    spans = [(c, *s.chunk_bounds(c)) for c in range(s.num_chunks)]
+    plan = plan_chunks(np.zeros(s.num_chunks, bool), s.chunk_rows, n, batch_size)
     s.close()
-    return spans
+    return plan
 
 
 def pipeline_case(bb: Backbone, pool: torch.Tensor, n: int, store_path: str, opts: ExtractOptions,
                   device: torch.device, *, sync=None, fmt: str = "zarr") -> tuple[_bench.Case, dict]:
     """A: extract_chunks over ``n`` pre-decoded rows into a real store (re-written on every run)."""
-    spans = create_store(store_path, bb, n, chunk_rows=opts.chunk_rows, dtype=opts.dtype, fmt=fmt)
+    plan = create_store(store_path, bb, n, chunk_rows=opts.chunk_rows, batch_size=opts.batch_size, dtype=opts.dtype,
+                        fmt=fmt)
     dataset = fx.Predecoded(pool, n)
     last = bb.num_blocks - 1
 
     def run():
-        rows, _ = extract_chunks(store_path, spans, bb, dataset, opts, [last], device, fmt=fmt)
+        rows, _ = extract_chunks(store_path, plan, bb, dataset, opts, [last], device, fmt=fmt)
         assert rows == n
 
-    chunk_rows = spans[0][2] - spans[0][1]
-    sizes = [min(opts.batch_size, b - s) for _, a, b in spans for s in range(a, b, opts.batch_size)]
-    layout = {"chunk_rows": chunk_rows, "num_chunks": len(spans), "pipeline_batch_sizes": sorted(set(sizes)),
+    sizes = [len(b) for b in plan.batches]
+    layout = {"chunk_rows": plan.chunk_rows, "num_chunks": len(plan.write), "pipeline_batch_sizes": sorted(set(sizes)),
               "pipeline_batches": len(sizes), "workers": opts.workers, "dtype": opts.dtype, "format": fmt}
     return _bench.Case("pipeline", run, units=n, unit="img", sync=sync), layout
 

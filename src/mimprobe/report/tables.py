@@ -52,7 +52,11 @@ def _subset_label(s: dict) -> str:
 
 def _row_key(r: dict) -> tuple:
     m, ds, p = r["model"], r["train_store"], r["protocol"]
-    model = f"{m['name']} ({'random init' if m['weights'] == 'random' else m['weights']})"
+    if m["weights"] == "checkpoint":  # two checkpoints of one architecture are two models
+        weights = f"checkpoint {os.path.basename(str(m.get('checkpoint') or ''))} {str(m.get('checkpoint_sha256'))[:8]}"
+    else:
+        weights = "random init" if m["weights"] == "random" else m["weights"]
+    model = f"{m['name']} ({weights})"
     root = os.path.basename(str(ds.get("root") or "").rstrip("/"))
     dataset = ":".join(x for x in (ds.get("source"), root if root != ds.get("source") else None, ds.get("split")) if x)
     tokens = "final-norm" if p["tokens"].startswith("final") else "raw"

@@ -91,3 +91,16 @@ def test_report_errors(tmp_path, cli):
     for args, expect in (((tmp_path / "none.jsonl",), "no such results file"), ((bad,), "bad.jsonl:1"),):
         code, out, err = cli("report", *args)
         assert code == 2 and expect in err
+
+
+def test_report_keeps_checkpoints_and_dtypes_apart(tmp_path, cli):
+    out, recs = _seeded_results(tmp_path, cli)
+    mixed = tmp_path / "mixed.jsonl"
+    with open(mixed, "w") as f:
+        for i, r in enumerate(recs):
+            r["model"].update(weights="checkpoint", checkpoint=f"/m/{'a' if i % 2 else 'b'}.safetensors",
+                              checkpoint_sha256=("1" if i % 2 else "2") * 64)
+            f.write(json.dumps(r) + "\n")
+    code, text, err = cli("report", mixed, "--format", "csv")
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert len(rows) == 4 and {r["model"].split()[2] for r in rows} == {"a.safetensors", "b.safetensors"}

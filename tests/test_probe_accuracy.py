@@ -92,3 +92,28 @@ def test_abmilp_finds_the_informative_token(tmp_path):
     print(acc)
     assert acc["abmilp"] >= 0.90
     assert acc["linear-mean"] <= acc["abmilp"] - 0.20
+
+
+def test_lbfgs_linear_probe_equals_sklearn(digits_stores):
+    """--optimizer lbfgs is multinomial logistic regression: with the same L2 grid (wd = 1/(C*N)) and the same
+    validation rows it picks the same model as scikit-learn and matches its test accuracy."""
+    train_p, test_p = digits_stores
+    tr_s, te_s = TokenStore.open(train_p), TokenStore.open(test_p)
+    rows = subsets.usable_rows(tr_s)
+    fit_rows, val_rows = subsets.val_split(rows, tr_s.labels, 0.1, seed=0)
+    cs = [0.01, 0.1, 1.0, 10.0]
+    recs = run_probe(train_p, test_p, ProbeOptions(heads=["linear-mean"], optimizer="lbfgs",
+                                                   wds=[1 / (c * len(fit_rows)) for c in cs], quiet=True,
+                                                   device="cpu"))
+    ours = recs[0]["metrics"]["eval_top1"]
+    pooled = lambda s, r: s.read_tokens(0, s.num_samples)[r][:, 1:].mean(1).numpy()  # noqa: E731
+    scaler = StandardScaler().fit(pooled(tr_s, fit_rows))
+    xf, xv = scaler.transform(pooled(tr_s, fit_rows)), scaler.transform(pooled(tr_s, val_rows))
+    val = [LogisticRegression(C=c, max_iter=5000, tol=1e-8).fit(xf, tr_s.labels[fit_rows]).score(xv, tr_s.labels[val_rows])
+           for c in cs]
+    best = cs[int(np.argmax(val))]
+    te_rows = subsets.usable_rows(te_s)
+    clf = LogisticRegression(C=best, max_iter=5000, tol=1e-8).fit(xf, tr_s.labels[fit_rows])
+    ref = clf.score(scaler.transform(pooled(te_s, te_rows)), te_s.labels[te_rows])
+    assert [g["val_top1"] for g in recs[0]["grid"]] == pytest.approx(val, abs=1.5 / len(val_rows))
+    assert abs(ours - ref) <= 0.005, (ours, ref)

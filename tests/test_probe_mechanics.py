@@ -195,6 +195,8 @@ def test_probe_errors(tmp_path, stores, cli):
         ((stores[0], stores[1]), ["--val-fraction", "0"], "single --lr and --wd"),
         ((stores[0], stores[1]), ["--shots", "2"], "too few samples"),
         ((unlabelled, stores[1]), [], "no valid labelled samples"),
+        ((stores[0], stores[1]), ["--optimizer", "lbfgs", "--head", "linear-mean,abmilp"], "linear heads only"),
+        ((stores[0], stores[1]), ["--optimizer", "sgd"], "--optimizer"),
     ]
     for (a, b), extra, expect in cases:
         code, out, err = cli("probe", a, b, *extra, "--epochs", "1", "--quiet")

@@ -108,7 +108,9 @@ def probe(
     wd: Optional[str] = typer.Option(None, help="weight decays, comma list (default 5e-4,5e-2; lars: 0)"),
     epochs: int = typer.Option(10),
     batch_size: int = typer.Option(256),
-    optimizer: str = typer.Option("adamw", help="adamw | lars (the paper: lr = base x batch/256, 10 warmup epochs)"),
+    optimizer: str = typer.Option("adamw", help="adamw | lars (the paper: lr = base x batch/256, 10 warmup "
+                                  "epochs) | lbfgs (linear heads: full-batch logistic regression, --wd = L2 "
+                                  "grid, default 1e-6..1e-1)"),
     warmup_epochs: Optional[float] = typer.Option(None, help="default 1 (adamw) or 10 (lars), at most epochs/4"),
     seed: Optional[str] = typer.Option(None, "--seeds", "--seed", help="seeds, comma list: one result each"),
     val_fraction: float = typer.Option(0.1, help="stratified part of the train subset held out for choosing"),

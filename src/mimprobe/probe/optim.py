@@ -11,7 +11,7 @@ import math
 
 import torch
 
-OPTIMIZERS = ("adamw", "lars")
+OPTIMIZERS = ("adamw", "lars", "lbfgs")  # lbfgs: full-batch, linear heads only (see trainer.train_lbfgs)
 
 
 def _per_member(v: torch.Tensor, p: torch.Tensor) -> torch.Tensor:

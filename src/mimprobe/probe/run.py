@@ -28,8 +28,8 @@ from mimprobe.probe.trainer import HeadSet, TokenNorm, TrainConfig, build_heads,
 log = logging.getLogger("mimprobe")
 
 DEFAULT_HEADS = ["linear-cls", "linear-mean", "abmilp"]
-DEFAULT_LRS = {"adamw": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2], "lars": [0.1]}
-DEFAULT_WDS = {"adamw": [5e-4, 5e-2], "lars": [0.0]}
+DEFAULT_LRS = {"adamw": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2], "lars": [0.1], "lbfgs": [1.0]}
+DEFAULT_WDS = {"adamw": [5e-4, 5e-2], "lars": [0.0], "lbfgs": [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1]}
 
 
 @dataclass
@@ -83,7 +83,7 @@ def check_compatible(a: TokenStore, b: TokenStore) -> None:
 
 def _validate(opts: ProbeOptions) -> None:
     if opts.optimizer not in OPTIMIZERS:
-        raise UserError(f"--optimizer {opts.optimizer}: choose {' or '.join(OPTIMIZERS)}")
+        raise UserError(f"--optimizer {opts.optimizer}: choose one of {', '.join(OPTIMIZERS)}")
     for h in opts.heads:
         if h not in HEADS:
             raise UserError(f"--head {h}: unknown head; choose from {', '.join(HEADS)}")
@@ -151,7 +151,8 @@ def _protocol(opts: ProbeOptions, train: TokenStore, blocks: list[int], cfg: Tra
         "epochs": cfg.epochs,
         "batch_size": cfg.batch_size,
         "warmup_epochs": cfg.warmup(),
-        "lr_rule": "lr × global batch / 256" if cfg.optimizer == "lars" else "lr as given",
+        "lr_rule": {"lars": "lr × global batch / 256", "lbfgs": "none: full-batch L-BFGS, wd = L2 weight"}.get(
+            cfg.optimizer, "lr as given"),
         "grid": {"lr": cfg.lrs, "wd": cfg.wds},
     }
 
@@ -209,6 +210,9 @@ def run_probe(train_path: str, eval_path: str, opts: ProbeOptions) -> list[dict]
     # linear heads only: pool every sample once, then train on the pooled features (no token re-reads)
     pool_once = views == 0 and all(HEADS[kind].shared_pool for kind, _ in specs.values())
     head_prefix = (1 if has_cls else 0) if pool_once else train.num_prefix_tokens
+    if opts.optimizer == "lbfgs" and not (pool_once and not ctx.active):
+        raise UserError("--optimizer lbfgs fits linear heads only (linear-cls, linear-mean, linear-clsmean), full "
+                        "batch, in one process, on a store without --views; use adamw or lars for the others")
 
     def feeder(store, rows, shuffle, seed, views=0):
         if not pool_once:

@@ -108,8 +108,57 @@ def _effective_lrs(cfg: TrainConfig, world: int) -> torch.Tensor:
     return lrs
 
 
+LBFGS_MAX_ITER = 1000
+LBFGS_TOL = 1e-4  # max |gradient| at convergence: scikit-learn's default tol for its lbfgs solver
+
+
+def train_lbfgs(headset: HeadSet, train: Feeder, cfg: TrainConfig, device: torch.device) -> GridResult:
+    """Linear heads by full-batch L-BFGS: multinomial logistic regression as scikit-learn's ``lbfgs`` solver fits
+    it. Features are standardized by each head's BatchNorm set to the full training data's statistics; each
+    grid member minimizes mean cross-entropy + wd/2·‖W‖² (bias not penalized; wd = 1/(C·N) for sklearn's C).
+    Convex, so the learning rate and the initialization do not change the solution (fits are warm-started
+    along the regularization path only to converge sooner); ``epochs`` is unused."""
+    t0 = time.perf_counter()
+    train.set_epoch(0)
+    xs, ys = zip(*[(b.decode(train.codec), b.y) for b in train])
+    headset.to(device).eval()
+    x, y = headset.prepare(torch.cat(xs).to(device)), torch.cat(ys).to(device)
+    t_read = time.perf_counter() - t0
+    iters = 0
+    for key, head in headset.heads.items():
+        with torch.no_grad():
+            f = head.pool(x[:, headset.inputs[key]])  # (1, N, F): parameter-free pooling, shared by the members
+            head.norm.running_mean.copy_(f.mean(1))
+            head.norm.running_var.copy_(f.var(1, unbiased=False))
+            z = head.norm(f)[0]
+        w0, b0 = head.weight[0].detach().clone(), head.bias[0].detach().clone()
+        # along the regularization path, strongest first, each fit warm-started from the previous solution
+        for g in sorted(range(len(cfg.grid)), key=lambda i: -cfg.grid[i][1]):
+            wd = cfg.grid[g][1]
+            w, b = w0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
+            opt = torch.optim.LBFGS([w, b], lr=1, max_iter=LBFGS_MAX_ITER, history_size=20,
+                                    line_search_fn="strong_wolfe", tolerance_grad=LBFGS_TOL, tolerance_change=1e-10)
+
+            def closure():
+                opt.zero_grad()
+                loss = F.cross_entropy(z @ w + b, y) + 0.5 * wd * (w * w).sum()
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+            iters += opt.state[opt._params[0]]["n_iter"]
+            with torch.no_grad():
+                head.weight[g].copy_(w)
+                head.bias[g].copy_(b)
+            w0, b0 = w.detach(), b.detach()
+    return GridResult(headset, timings={"train_seconds": time.perf_counter() - t0 - t_read,
+                                        "read_seconds": train.read_seconds}, steps=iters)
+
+
 def train_grid(headset: HeadSet, train: Feeder, cfg: TrainConfig, device: torch.device,
                ctx: DistContext = DistContext()) -> GridResult:
+    if cfg.optimizer == "lbfgs":
+        return train_lbfgs(headset, train, cfg, device)
     headset.to(device).train()
     model: nn.Module = headset
     if ctx.active:

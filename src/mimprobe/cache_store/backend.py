@@ -60,6 +60,10 @@ class Backend(ABC):
     @abstractmethod
     def array(self, name: str) -> Any: ...
 
+    def read_all(self, name: str) -> np.ndarray:
+        """The whole of a (small) per-sample array such as ``labels`` or ``valid``."""
+        return np.asarray(self.array(name)[:])
+
     @abstractmethod
     def has(self, name: str) -> bool: ...
 

@@ -204,7 +204,7 @@ class TokenStore:
 
     @cached_property
     def labels(self) -> np.ndarray:
-        return np.asarray(self.backend.array("labels")[:], dtype=np.int64)
+        return np.asarray(self.backend.read_all("labels"), dtype=np.int64)
 
     @cached_property
     def sample_ids(self) -> list[str]:
@@ -215,10 +215,10 @@ class TokenStore:
         return list(self.attrs.get("dataset", {}).get("class_names") or [])
 
     def valid(self) -> np.ndarray:
-        return np.asarray(self.backend.array("valid")[:], dtype=bool)
+        return np.asarray(self.backend.read_all("valid"), dtype=bool)
 
     def done(self) -> np.ndarray:
-        return np.asarray(self.backend.array("done")[:], dtype=bool)
+        return np.asarray(self.backend.read_all("done"), dtype=bool)
 
     def final_norm(self) -> dict | None:
         """The model's final norm (kind, eps, weight, bias as tensors), or None when the model has none."""

@@ -106,6 +106,32 @@ class ZarrBackend(Backend):
     def array(self, name):
         return self.group[name]
 
+    def read_all(self, name):
+        """Plain chunk files are read directly: zarr's per-chunk overhead makes ``labels`` of an ImageNet
+        store (23k chunks of 55 rows) take ~12 s through the library, ~1 s this way."""
+        layout = self._raw_layout(name)
+        if layout is None:
+            return super().read_all(name)
+        root, dtype, chunks = layout
+        arr = self.group[name]
+        shape = arr.shape
+        if tuple(chunks[1:]) != tuple(shape[1:]):
+            return super().read_all(name)
+        n_chunks = -(-shape[0] // chunks[0])
+        per_chunk = int(np.prod(chunks))
+        parts = []
+        for c in range(n_chunks):
+            path = os.path.join(root, str(c), *["0"] * (len(chunks) - 1))
+            if not os.path.isfile(path):
+                parts.append(np.full(per_chunk, arr.fill_value, dtype))  # never written
+                continue
+            part = np.fromfile(path, dtype=dtype)
+            if part.size != per_chunk:  # not a plain full chunk after all: let zarr decide
+                return super().read_all(name)
+            parts.append(part)
+        out = np.concatenate(parts) if parts else np.zeros(0, dtype)
+        return out.reshape((-1,) + tuple(chunks[1:]))[: shape[0]].reshape(shape)
+
     def has(self, name):
         try:
             self.group[name]
@@ -119,7 +145,10 @@ class ZarrBackend(Backend):
             arr = self.group[name]
             meta = arr.metadata.to_dict()
             store = arr.store_path.store
-            plain = (tuple(meta.get("codecs", ())) == RAW_CODECS and isinstance(store, LocalStore)
+            codecs = tuple(meta.get("codecs", ()))
+            one_byte = arr.dtype.itemsize == 1 and codecs in (({"name": "bytes"},),
+                                                              ({"name": "bytes", "configuration": {}},))
+            plain = ((codecs == RAW_CODECS or one_byte) and isinstance(store, LocalStore)
                      and meta["chunk_key_encoding"] == {"name": "default", "configuration": {"separator": "/"}}
                      and arr.dtype.kind in "fiub")
             self._raw[name] = ((os.path.join(str(store.root), arr.store_path.path, "c"), arr.dtype, arr.chunks)

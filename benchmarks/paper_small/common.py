@@ -100,6 +100,17 @@ def load_split(root: str, split: str, limit: int | None = None) -> tuple[torch.T
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels, list(folder.classes)
 
 
+def start(args: argparse.Namespace) -> tuple[float, torch.Tensor, torch.Tensor, list[str]]:
+    """Threads, seeds, the wall-clock start, and the decoded training split: the prologue of both scripts."""
+    setup_threads(args.threads)
+    seed_everything(args.seed)
+    wall_start = time.monotonic()
+    t0 = time.monotonic()
+    images, labels, classes = load_split(args.data, "train", args.limit)
+    log(f"decoded {len(images)} training images in {time.monotonic() - t0:.1f} s")
+    return wall_start, images, labels, classes
+
+
 def train_transform(min_scale: float) -> v2.Compose:
     """RandomResizedCrop to IMG_SIZE (upsamples CIFAR's 32 px) + horizontal flip, on uint8 tensors."""
     return v2.Compose([

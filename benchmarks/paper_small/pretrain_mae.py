@@ -20,7 +20,6 @@ checkpoint (full MAE + optimizer) is overwritten in ``--work-dir`` after every e
 
 from __future__ import annotations
 
-import time
 from functools import partial
 
 import torch
@@ -163,13 +162,7 @@ def parse_args():
 
 def main() -> None:
     args = parse_args()
-    common.setup_threads(args.threads)
-    common.seed_everything(args.seed)
-    wall_start = time.monotonic()
-
-    t0 = time.monotonic()
-    images, labels, _ = common.load_split(args.data, "train", args.limit)
-    common.log(f"decoded {len(images)} training images in {time.monotonic() - t0:.1f} s")
+    wall_start, images, labels, _ = common.start(args)
 
     model = MaskedAutoencoder(common.create_encoder(), args.decoder_dim, args.decoder_depth, args.decoder_heads,
                               args.mask_ratio)

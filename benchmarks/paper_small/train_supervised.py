@@ -49,13 +49,7 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
 
 def main() -> None:
     args = parse_args()
-    common.setup_threads(args.threads)
-    common.seed_everything(args.seed)
-    wall_start = time.monotonic()
-
-    t0 = time.monotonic()
-    images, labels, classes = common.load_split(args.data, "train", args.limit)
-    common.log(f"decoded {len(images)} training images in {time.monotonic() - t0:.1f} s")
+    wall_start, images, labels, classes = common.start(args)
 
     model = common.create_encoder(num_classes=len(classes))
     optimizer = torch.optim.AdamW(common.param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999))

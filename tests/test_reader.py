@@ -75,3 +75,15 @@ def test_random_access_and_in_memory(store):
     r = InMemoryReader(data, 50, seed=0)
     rows = torch.cat([b.rows for b in r]).numpy()
     assert sorted(rows.tolist()) == list(range(203)) and not np.array_equal(rows, np.arange(203))
+
+
+def test_chunks_are_mapped_from_the_file_not_read_through_the_library(store):
+    """Both backends hand the reader each chunk straight from the file (one copy into the batch): the mapped
+    chunk holds exactly that chunk's rows, and the partial last chunk's rows too."""
+    s = TokenStore.open(store)
+    for c in (0, 3, s.num_chunks - 1):
+        raw = s.backend.raw_chunk("tokens", c)
+        a, b = s.chunk_bounds(c)
+        assert raw is not None and raw.shape[0] == 16
+        assert np.array_equal(raw[: b - a, 0, 0], np.arange(a, b, dtype=np.float32))
+    s.close()

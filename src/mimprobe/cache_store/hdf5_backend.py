@@ -31,6 +31,7 @@ class HDF5Backend(Backend):
     def __init__(self, f: h5py.File, path: str):
         self.f = f
         self.path = path
+        self._raw: dict[str, tuple | None] = {}
 
     @staticmethod
     def _local(path: str) -> str:
@@ -76,15 +77,37 @@ class HDF5Backend(Backend):
     def has(self, name):
         return name in self.f
 
+    def _raw_layout(self, name):
+        """(dtype, chunk shape, byte offset of every chunk) when ``name``'s chunks are plain bytes in the file,
+        else None. Chunks are allocated when the store is created (early allocation), so their offsets never
+        change: they are looked up once per dataset, in one pass over the chunk index."""
+        if name not in self._raw:
+            ds = self.f[name]
+            plain = not (ds.chunks is None or ds.compression or ds.shuffle or ds.fletcher32
+                         or ds.dtype.kind not in "fiub" or ds.dtype.byteorder == ">")
+            offsets = None
+            if plain:
+                offsets = np.full(-(-ds.shape[0] // ds.chunks[0]), -1, dtype=np.int64)
+                if hasattr(ds.id, "chunk_iter"):
+                    def note(info):
+                        if not info.filter_mask and not any(info.chunk_offset[1:]):
+                            offsets[info.chunk_offset[0] // ds.chunks[0]] = info.byte_offset
+
+                    ds.id.chunk_iter(note)
+                else:
+                    for c in range(len(offsets)):
+                        info = ds.id.get_chunk_info_by_coord((c * ds.chunks[0],) + (0,) * (ds.ndim - 1))
+                        if info.byte_offset is not None and not info.filter_mask:
+                            offsets[c] = info.byte_offset
+            self._raw[name] = (ds.dtype, ds.chunks, offsets) if plain else None
+        return self._raw[name]
+
     def raw_chunk(self, name, c):
-        ds = self.f[name]
-        if ds.chunks is None or ds.compression or ds.shuffle or ds.fletcher32 or ds.dtype.kind not in "fiub" \
-                or ds.dtype.byteorder == ">":
+        layout = self._raw_layout(name)
+        if layout is None or layout[2][c] < 0:
             return None
-        info = ds.id.get_chunk_info_by_coord((c * ds.chunks[0],) + (0,) * (ds.ndim - 1))
-        if info.byte_offset is None or info.filter_mask:
-            return None
-        return map_file(self.path, ds.dtype, ds.chunks, offset=info.byte_offset)
+        dtype, chunks, offsets = layout
+        return map_file(self.path, dtype, chunks, offset=int(offsets[c]))
 
     def read_strings(self, name, start=0, stop=None):
         return as_str_list(self.f[name].asstr()[start:stop])

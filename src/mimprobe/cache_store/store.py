@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from mimprobe.cache_store.backend import Backend, backend_class, infer_format
-from mimprobe.cache_store.schema import SCHEMA_VERSION, TokenCodec, chunk_rows_for, scales_name
+from mimprobe.cache_store.schema import INDEX_CHUNK_ROWS, SCHEMA_VERSION, TokenCodec, chunk_rows_for, scales_name
 from mimprobe.errors import UserError
 
 
@@ -89,8 +89,8 @@ class TokenStore:
             if codec.quantized:
                 g = -(-dim // 32)
                 b.create_array(scales_name(name), (n, num_tokens, g), np.float16, (chunk_rows, num_tokens, g))
-        b.create_array("labels", (n,), np.int64, (chunk_rows,))
-        b.create_array("sample_ids", (n,), str, (chunk_rows,))
+        b.create_array("labels", (n,), np.int64, (min(n, INDEX_CHUNK_ROWS),))
+        b.create_array("sample_ids", (n,), str, (min(n, INDEX_CHUNK_ROWS),))
         b.create_array("valid", (n,), np.bool_, (chunk_rows,))
         b.create_array("done", (n_chunks,), np.uint8, (1,))
         b.array("labels")[:] = np.asarray(labels, dtype=np.int64)

@@ -41,6 +41,11 @@ def _fsspec(path: str):
         ) from None
 
 
+def _chunk_file(root: str, chunks: tuple, c: int) -> str:
+    """The file of chunk ``c`` (along the first axis; the array is not split along the others)."""
+    return os.path.join(root, str(c), *["0"] * (len(chunks) - 1))
+
+
 RAW_CODECS = ({"name": "bytes", "configuration": {"endian": "little"}},)
 
 
@@ -121,7 +126,7 @@ class ZarrBackend(Backend):
         per_chunk = int(np.prod(chunks))
         parts = []
         for c in range(n_chunks):
-            path = os.path.join(root, str(c), *["0"] * (len(chunks) - 1))
+            path = _chunk_file(root, chunks, c)
             if not os.path.isfile(path):
                 parts.append(np.full(per_chunk, arr.fill_value, dtype))  # never written
                 continue
@@ -160,7 +165,7 @@ class ZarrBackend(Backend):
         if layout is None:
             return None
         root, dtype, chunks = layout
-        path = os.path.join(root, str(c), *["0"] * (len(chunks) - 1))
+        path = _chunk_file(root, chunks, c)
         if not os.path.isfile(path) or os.path.getsize(path) != int(np.prod(chunks)) * dtype.itemsize:
             return None
         return map_file(path, dtype, chunks)

@@ -50,13 +50,14 @@ def format_table(records: list[dict]) -> str:
     for head, rs in by_head.items():
         lrs = sorted({r["chosen"]["lr"] for r in rs})
         wds = sorted({r["chosen"]["wd"] for r in rs})
+        no_lr = all(r.get("protocol", {}).get("optimizer") == "lbfgs" for r in rs)  # full batch: no step size
         val = [r["metrics"]["val_top1"] for r in rs if r["metrics"].get("val_top1") is not None]
         ev = [r["metrics"]["eval_top1"] for r in rs]
         t5 = [r["metrics"]["eval_top5"] for r in rs if r["metrics"].get("eval_top5") is not None]
         m, s = mean_std(ev)
         rows.append((
             head,
-            ",".join(f"{x:g}" for x in lrs),
+            "-" if no_lr else ",".join(f"{x:g}" for x in lrs),
             ",".join(f"{x:g}" for x in wds),
             f"{100 * np.mean(val):.2f}" if val else "-",
             f"{100 * m:.2f} ± {100 * s:.2f}" if len(ev) > 1 else f"{100 * m:.2f}",

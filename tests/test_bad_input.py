@@ -128,3 +128,38 @@ def test_user_errors_are_one_line(tmp_path, cli, image_folder):
         line = _one_error_line(err)
         assert code == 2 and expect in line, (args, err)
     assert not os.path.exists(out_store) or not TokenStore.open(out_store).complete
+
+
+def test_unreachable_hub_fails_fast_with_one_line(tmp_path, cli, image_folder, monkeypatch):
+    """No network: instead of a minute of download retries, the hub switches to cache-only mode and a model
+    whose weights are not cached stops at once with the --checkpoint / --no-pretrained advice."""
+    import socket
+    import time
+
+    from huggingface_hub import constants
+
+    from mimprobe.extract import backbone
+
+    for v in backbone.PROXY_VARS:
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+
+    def no_dns(*a, **k):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(backbone.socket, "getaddrinfo", no_dns)
+    t0 = time.monotonic()
+    code, out, err = cli("extract", TINY, image_folder, str(tmp_path / "s.zarr"), "--img-size", "32", "--quiet")
+    line = _one_error_line(err)
+    assert code == 2 and "--checkpoint" in line and "--no-pretrained" in line
+    assert "does not resolve" in err and constants.HF_HUB_OFFLINE is True
+    assert time.monotonic() - t0 < 30
+    assert not os.path.exists(tmp_path / "s.zarr" / "tokens")  # nothing created before the model loads
+    # with a resolving host (or a proxy) nothing is switched
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(backbone.socket, "getaddrinfo", lambda *a, **k: [])
+    assert backbone.use_cache_only_when_hub_unreachable() is False and constants.HF_HUB_OFFLINE is False
+    monkeypatch.setattr(backbone.socket, "getaddrinfo", no_dns)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    assert backbone.use_cache_only_when_hub_unreachable() is False

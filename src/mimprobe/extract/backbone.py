@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from dataclasses import dataclass
 
 import timm
@@ -49,7 +50,32 @@ def _check_name(name: str) -> None:
         raise UserError(f"MODEL {name!r}: not a timm model name{hint}")
 
 
+PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def use_cache_only_when_hub_unreachable() -> bool:
+    """When the model hub's host name does not resolve (no network, no DNS) and no proxy is configured, switch
+    huggingface_hub to its cache-only (offline) mode: cached weights still load, missing ones fail at once
+    instead of after about a minute of retries. Returns whether it switched."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or any(os.environ.get(v) for v in PROXY_VARS):
+        return False
+    host = urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.getaddrinfo(host, 443)
+        return False
+    except (OSError, UnicodeError):
+        constants.HF_HUB_OFFLINE = True
+        log.warning("note: the model hub (%s) does not resolve: using locally cached weights only", host)
+        return True
+
+
 def _create(name: str, pretrained: bool, kwargs: dict) -> nn.Module:
+    if pretrained:
+        use_cache_only_when_hub_unreachable()
     try:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except TypeError as e:

@@ -122,17 +122,14 @@ class ChunkShuffleReader(IterableDataset):
     ``buffer_chunks`` chunks (rows left over at the end of a buffer join the next one). Inside a batch, rows
     come grouped by chunk (the batch is still a random draw from the buffer). With ``views`` > 0 each chunk of
     an epoch is read from one of the stored augmented views (drawn by (seed, epoch, chunk)), so every sample
-    gets one random view per epoch. Use with ``DataLoader(reader, batch_size=None)``. Pass ``labels`` (the
-    store's, all rows) when the caller has them: otherwise every epoch's iterator reads them again, one small
-    file per chunk (seconds on an ImageNet-sized zarr store).
+    gets one random view per epoch. Use with ``DataLoader(reader, batch_size=None)``.
     """
 
     def __init__(self, path: str, rows: np.ndarray, batch_size: int, *, fmt: str | None = None,
                  blocks: list[str] | None = None, shuffle: bool = True, seed: int = 0, epoch: int = 0,
                  buffer_chunks: int = 16, drop_last: bool = False, rank: int = 0, world: int = 1,
-                 views: int = 0, labels: np.ndarray | None = None):
+                 views: int = 0):
         self.path, self.fmt = str(path), fmt
-        self.labels = labels
         self.rows = np.asarray(rows, dtype=np.int64)
         self.batch_size = batch_size
         self.blocks = blocks or ["tokens"]
@@ -168,8 +165,7 @@ class ChunkShuffleReader(IterableDataset):
                 order = order[info.id::info.num_workers]
             rng = np.random.default_rng([self.seed, self.epoch, 2, 0 if info is None else info.id + 1]) \
                 if self.shuffle else None
-            labels = store.labels if self.labels is None else self.labels
-            codec, bs = store.codec, self.batch_size
+            labels, codec, bs = store.labels, store.codec, self.batch_size
             parts: list[ChunkRows] = []
             pool = np.empty((0, 2), dtype=np.int64)  # (part index, position in part) of rows not yet yielded
             for start in range(0, len(order), self.buffer_chunks):

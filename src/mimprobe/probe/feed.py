@@ -76,7 +76,7 @@ class Feeder:
         else:
             self.reader = ChunkShuffleReader(store.path, self.rows, batch_size, fmt=store.format, blocks=blocks,
                                              shuffle=shuffle, seed=seed, rank=ctx.rank, world=ctx.world,
-                                             views=views, buffer_chunks=buffer_chunks, labels=store.labels)
+                                             views=views, buffer_chunks=buffer_chunks)
         if not (in_memory and views):
             self.epoch = 0
 

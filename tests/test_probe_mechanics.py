@@ -197,6 +197,8 @@ def test_probe_errors(tmp_path, stores, cli):
         ((unlabelled, stores[1]), [], "no valid labelled samples"),
         ((stores[0], stores[1]), ["--optimizer", "lbfgs", "--head", "linear-mean,abmilp"], "linear heads only"),
         ((stores[0], stores[1]), ["--optimizer", "sgd"], "--optimizer"),
+        ((stores[0], stores[1]), ["--optimizer", "lbfgs", "--head", "linear-mean", "--lr", "1e-3,1e-2"],
+         "no learning rate"),
     ]
     for (a, b), extra, expect in cases:
         code, out, err = cli("probe", a, b, *extra, "--epochs", "1", "--quiet")

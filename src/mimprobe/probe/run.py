@@ -95,6 +95,9 @@ def _validate(opts: ProbeOptions) -> None:
         raise UserError("--seeds: give at least one seed")
     if any(lr <= 0 for lr in opts.lrs) or any(wd < 0 for wd in opts.wds):
         raise UserError("--lr values must be positive and --wd values non-negative")
+    if opts.optimizer == "lbfgs" and len(opts.lrs) > 1:
+        raise UserError("--lr: --optimizer lbfgs has no learning rate (its fits do not depend on one); give the L2 "
+                        "grid with --wd")
 
 
 def _head_specs(kinds: list[str], layers: list[int], train: TokenStore) -> tuple[dict, list[str], list[int]]:

@@ -146,7 +146,7 @@ def train_lbfgs(headset: HeadSet, train: Feeder, cfg: TrainConfig, device: torch
                 return loss
 
             opt.step(closure)
-            iters += opt.state[opt._params[0]]["n_iter"]
+            iters += opt.state[w]["n_iter"]
             with torch.no_grad():
                 head.weight[g].copy_(w)
                 head.bias[g].copy_(b)

@@ -41,12 +41,13 @@ def probe_epoch_case(path: str, *, head: str, batch_size: int, feed: str, lr: fl
         rows = np.arange(store.num_samples)
         f = Feeder(store, rows, batch_size, device=cpu, blocks=["tokens"], shuffle=True, seed=0,
                    in_memory=FEED[feed], workers=0)
-        heads = build_heads({head: (head, [0])}, dim=store.dim, num_classes=int(store.labels.max()) + 1,
+        heads = build_heads({head: (head, {}, [0])}, dim=store.dim, num_classes=int(store.labels.max()) + 1,
                             num_prefix=store.num_prefix_tokens, members=1, seed=0, norm=None)
-        cfg = TrainConfig(lrs=[lr], wds=[wd], epochs=1, batch_size=batch_size, quiet=True)
+        cfg = TrainConfig(lrs=(lr,), wds=(wd,), epochs=1, batch_size=batch_size, quiet=True)
         res = train_grid(heads, f, cfg, cpu)
         store.close()
-        return {"steps": res.steps, "in_memory": f.in_memory, **res.timings}
+        return {"steps": res.steps, "in_memory": f.in_memory, "train_seconds": res.train_seconds,
+                "read_seconds": res.read_seconds}
 
     with TokenStore.open(path) as s:
         n = s.num_samples

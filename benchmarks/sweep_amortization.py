@@ -34,12 +34,12 @@ def grid_case(store: TokenStore, feed: Feeder, kind: str, lrs: list[float], wds:
     num_classes = int(store.labels.max()) + 1
 
     def run():
-        cfg = TrainConfig(lrs=lrs, wds=wds, epochs=epochs, batch_size=batch_size, quiet=True)
-        heads = build_heads({kind: (kind, [0])}, dim=store.dim, num_classes=num_classes,
+        cfg = TrainConfig(lrs=tuple(lrs), wds=tuple(wds), epochs=epochs, batch_size=batch_size, quiet=True)
+        heads = build_heads({kind: (kind, {}, [0])}, dim=store.dim, num_classes=num_classes,
                             num_prefix=store.num_prefix_tokens, members=len(cfg.grid), seed=0, norm=None)
         read0 = feed.read_seconds  # the Feeder is shared: report this run's part of its cumulative read time
         res = train_grid(heads, feed, cfg, cpu)
-        return {"steps": res.steps, "train_seconds": res.timings["train_seconds"],
+        return {"steps": res.steps, "train_seconds": res.train_seconds,
                 "read_seconds": feed.read_seconds - read0}
 
     g = len(lrs) * len(wds)

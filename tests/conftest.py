@@ -111,3 +111,54 @@ def synthetic_store(path, tokens, labels, *, chunk_rows=16, dtype="float16", num
     s.update_attrs(complete=True)
     s.close()
     return str(path)
+
+
+def write_digits(root, test_size=0.25):
+    """scikit-learn's digits (real 8x8 scans of handwritten digits) as an ImageFolder of 32 px PNGs."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    tr, te = train_test_split(np.arange(len(d.target)), test_size=test_size, stratify=d.target, random_state=0)
+    for split, idx in (("train", tr), ("test", te)):
+        for i in idx:
+            folder = os.path.join(root, split, str(d.target[i]))
+            os.makedirs(folder, exist_ok=True)
+            img = (d.images[i] * (255 / 16)).astype(np.uint8)
+            Image.fromarray(img, "L").resize((32, 32), Image.NEAREST).save(os.path.join(folder, f"{i:04d}.png"))
+    return os.path.join(root, "train"), os.path.join(root, "test")
+
+
+@pytest.fixture(scope="session")
+def digits_folders(tmp_path_factory):
+    return write_digits(str(tmp_path_factory.mktemp("digits")))
+
+
+@pytest.fixture(scope="session")
+def digits_stores(digits_folders, tmp_path_factory):
+    """Train (1,347) and test (450) stores of the digits through a random-init vit_tiny at 32 px."""
+    from mimprobe.extract import ExtractOptions, extract
+
+    root = tmp_path_factory.mktemp("digits_stores")
+    out = []
+    for folder, name in zip(digits_folders, ("train.zarr", "test.zarr")):
+        p = str(root / name)
+        extract(TINY, folder, p, ExtractOptions(pretrained=False, img_size=32, crop_pct=1.0, workers=0, quiet=True,
+                                                batch_size=128))
+        out.append(p)
+    return out
+
+
+def one_token_task(n, seed, T=33, D=32, C=4):
+    """The label is carried by one token (a marked prototype) at a random position; the other tokens are
+    distractor prototypes + noise: only a selective pooling can find it."""
+    g = torch.Generator().manual_seed(seed)
+    protos = torch.randn(C, D, generator=torch.Generator().manual_seed(123)) * 2
+    y = torch.randint(0, C, (n,), generator=g)
+    x = torch.randn(n, T, D, generator=g) * 0.5
+    distract = torch.randint(0, C, (n, T - 1), generator=g)
+    x[:, 1:] += protos[distract]
+    pos = torch.randint(1, T, (n,), generator=g)
+    x[torch.arange(n), pos] = protos[y] + torch.randn(n, D, generator=g) * 0.5
+    x[torch.arange(n), pos, -1] = 6.0  # the marker that a selective pooling can find
+    return x, y.numpy()

@@ -178,7 +178,7 @@ def saved_heads(image_folder, tiny_ckpt, tmp_path_factory):
     store = str(d / "s.zarr")
     extract(TINY, image_folder, store, ExtractOptions(checkpoint=tiny_ckpt, img_size=32, dtype="float32",
                                                       layers=[-3], workers=0, device="cpu", quiet=True))
-    run_probe(store, store, ProbeOptions(heads=["abmilp", "linear-cls"], lrs=[1e-3], wds=[0.0], epochs=2,
+    run_probe(store, store, ProbeOptions(heads=["abmilp", "linear-cls"], lrs=[1e-3], wds=[0.0], epochs=2, min_steps=0,
                                          batch_size=8, val_fraction=0, layers=[-3], device="cpu",
                                          save_heads=str(d / "heads"), quiet=True))
     return store, str(d / "heads")
@@ -218,7 +218,7 @@ def test_heatmap_tokens_and_weights_match_the_store(saved_heads):
             tokens = torch.stack(block_tokens(bb.model, x, blocks), 1)
             assert torch.allclose(tokens, stored, atol=1e-4)
             w, logits = head_attention(headset, config["key"], tokens)
-            w_ref = headset.heads[config["key"]].attention(stored)[0].mean(1)
+            w_ref = headset.heads[config["key"]].attention(stored)[0].mean((1, 2))
         assert w.shape == (2, 4) and torch.allclose(w, w_ref, atol=1e-5)
         assert torch.allclose(w.sum(-1), torch.ones(2), atol=1e-5)
 

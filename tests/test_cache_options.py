@@ -53,7 +53,7 @@ def test_probe_layers_builds_both_heads_in_one_run(tmp_path, image_folder):
                                                       quiet=True))
         paths.append(p)
     recs = run_probe(*paths, ProbeOptions(heads=["linear-mean", "abmilp"], layers=[-1, -4], lrs=[1e-3], wds=[0.0],
-                                          epochs=2, batch_size=8, val_fraction=0, quiet=True, device="cpu"))
+                                          epochs=2, min_steps=0, batch_size=8, val_fraction=0, quiet=True, device="cpu"))
     assert [r["head"] for r in recs] == ["linear-mean", "linear-mean@-4,-1", "abmilp", "abmilp@-4,-1"]
     assert recs[1]["protocol"]["blocks"] == [8, 11]
 
@@ -114,23 +114,22 @@ def test_views_probe_draws_one_view_per_epoch(tmp_path):
         assert len(torch.cat(seen).unique()) == 3  # every view gets used over epochs
 
 
-def test_int8_store_half_size_and_same_accuracy(tmp_path):
-    from test_probe_accuracy import _write_digits
-
-    tr, te = _write_digits(str(tmp_path), test_size=0.5)  # ~900 eval images: 0.5 points = 4.5 images
+def test_int8_store_half_size_and_same_accuracy(tmp_path, digits_folders, digits_stores):
     acc, size = {}, {}
     for dtype in ("float16", "int8"):
-        paths = []
-        for folder, name in ((tr, "train"), (te, "test")):
-            p = str(tmp_path / f"{name}_{dtype}.zarr")
-            extract(TINY, folder, p, ExtractOptions(pretrained=False, img_size=32, crop_pct=1.0, dtype=dtype,
-                                                    workers=0, quiet=True, batch_size=128))
-            paths.append(p)
+        paths = digits_stores
+        if dtype == "int8":
+            paths = []
+            for folder, name in zip(digits_folders, ("train", "test")):
+                p = str(tmp_path / f"{name}_{dtype}.zarr")
+                extract(TINY, folder, p, ExtractOptions(pretrained=False, img_size=32, crop_pct=1.0, dtype=dtype,
+                                                        workers=0, quiet=True, batch_size=128))
+                paths.append(p)
         size[dtype] = TokenStore.open(paths[0]).size_on_disk()
         recs = run_probe(*paths, ProbeOptions(heads=["linear-mean", "abmilp"], lrs=[3e-3, 1e-2], wds=[1e-4],
-                                              epochs=15, batch_size=64, quiet=True, device="cpu"))
+                                              epochs=15, min_steps=0, batch_size=64, quiet=True, device="cpu"))
         acc[dtype] = {r["head"]: r["metrics"]["eval_top1"] for r in recs}
     print(acc, size["int8"] / size["float16"])
     assert size["int8"] / size["float16"] < 0.56
     for head in ("linear-mean", "abmilp"):
-        assert abs(acc["int8"][head] - acc["float16"][head]) <= 0.005, (head, acc)
+        assert abs(acc["int8"][head] - acc["float16"][head]) <= 2 / 450 + 1e-9, (head, acc)  # two test images

@@ -111,7 +111,7 @@ def test_two_rank_probe_matches_single_process(tmp_path):
     tr = synthetic_store(tmp_path / "tr.zarr", x[:800], y[:800], chunk_rows=40)
     te = synthetic_store(tmp_path / "te.zarr", x[800:], y[800:], chunk_rows=40)
     args = ["probe", tr, te, "--head", "linear-mean,abmilp", "--lr", "3e-3,1e-2", "--wd", "1e-4", "--epochs", 10,
-            "--batch-size", 32, "--quiet", "--device", "cpu"]
+            "--min-steps", 0, "--optimizer", "adamw", "--batch-size", 32, "--quiet", "--device", "cpu"]
     out2 = tmp_path / "two.jsonl"
     r = subprocess.run(_torchrun(*args, "--out", out2, "--stream"), env=ENV, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -120,7 +120,7 @@ def test_two_rank_probe_matches_single_process(tmp_path):
     two = {rec["head"]: rec for rec in map(json.loads, open(out2))}
     assert len(two) == 2 and all(rec["world_size"] == 2 for rec in two.values())
     one = {rec["head"]: rec for rec in run_probe(tr, te, ProbeOptions(
-        heads=["linear-mean", "abmilp"], lrs=[3e-3, 1e-2], wds=[1e-4], epochs=10, batch_size=64, quiet=True,
+        heads=["linear-mean", "abmilp"], lrs=[3e-3, 1e-2], wds=[1e-4], epochs=10, min_steps=0, optimizer="adamw", batch_size=64, quiet=True,
         device="cpu"))}
     for head in ("linear-mean", "abmilp"):
         a, b = two[head]["metrics"]["eval_top1"], one[head]["metrics"]["eval_top1"]
@@ -136,8 +136,8 @@ def test_file_url_store(tmp_path, folder, tiny_ckpt):
     assert r.returncode == 0, r.stderr[-2000:]
     s = TokenStore.open(url)
     assert s.complete and s.num_samples == 160
-    recs = run_probe(url, url, ProbeOptions(heads=["linear-mean"], lrs=[1e-3], wds=[0.0], epochs=1, batch_size=32,
-                                            val_fraction=0, in_memory=False, quiet=True, device="cpu"))
+    recs = run_probe(url, url, ProbeOptions(heads=["linear-mean"], lrs=[1e-3], wds=[0.0], epochs=1, min_steps=0,
+                                            batch_size=32, val_fraction=0, in_memory=False, quiet=True, device="cpu"))
     assert recs[0]["num_eval"] == 160
     r = subprocess.run(_single(*_extract_args(folder, "s3://no-such-bucket/x.zarr", tiny_ckpt)), env=ENV,
                        capture_output=True, text=True)

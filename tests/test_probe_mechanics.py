@@ -1,5 +1,5 @@
-"""Probe mechanics: grids equal single heads, optimizers equal torch's, heads equal their reference formulas,
-few-shot subsets, errors, saved heads."""
+"""Probe mechanics: grid optimizers equal torch's, subsets and validation rows, errors, pooled-once linear heads,
+head specs. (Every head's own mechanics: test_heads.py.)"""
 
 from __future__ import annotations
 
@@ -14,11 +14,9 @@ import torch.nn.functional as F
 from conftest import synthetic_store
 from mimprobe.cache_store import TokenStore
 from mimprobe.errors import UserError
-from mimprobe.probe import ProbeOptions, create_head, run_probe
+from mimprobe.probe import ProbeOptions, run_probe
 from mimprobe.probe import subsets
-from mimprobe.probe.feed import Feeder
 from mimprobe.probe.optim import GridAdamW, GridLARS
-from mimprobe.probe.trainer import TrainConfig, build_heads, train_grid
 
 
 def _data(n=240, T=9, D=16, C=3, seed=0):
@@ -35,30 +33,6 @@ def stores(tmp_path):
     xe, ye = _data(90, seed=1)
     return (synthetic_store(tmp_path / "tr.zarr", xt, yt, chunk_rows=32),
             synthetic_store(tmp_path / "te.zarr", xe, ye, chunk_rows=32))
-
-
-@pytest.mark.parametrize("kind", ["linear-cls", "linear-mean", "linear-clsmean", "abmilp", "abmilp-gated", "attentive"])
-@pytest.mark.parametrize("optimizer", ["adamw", "lars"])
-def test_grid_in_one_pass_equals_each_head_alone(stores, kind, optimizer):
-    store = TokenStore.open(stores[0])
-    rows = np.arange(store.num_samples)
-    grid = TrainConfig(lrs=[1e-3, 3e-2], wds=[0.0, 0.1], epochs=2, batch_size=32, optimizer=optimizer, quiet=True)
-
-    def train(cfg):
-        feed = Feeder(store, rows, 32, device=torch.device("cpu"), blocks=["tokens"], shuffle=True, seed=5,
-                      in_memory=True)
-        hs = build_heads({kind: (kind, [0])}, dim=16, num_classes=3, num_prefix=1, members=len(cfg.grid), seed=7,
-                         norm=None)
-        return train_grid(hs, feed, cfg, torch.device("cpu")).heads.heads[kind]
-
-    together = train(grid)
-    for g, (lr, wd) in enumerate(grid.grid):
-        alone = train(TrainConfig(lrs=[lr], wds=[wd], epochs=2, batch_size=32, optimizer=optimizer, quiet=True))
-        one = together.select(g)
-        for (name, a), (_, b) in zip(one.state_dict().items(), alone.state_dict().items()):
-            assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), (kind, g, name, (a - b).abs().max())
-    # and the members really differ (different lr / wd did something)
-    assert not torch.allclose(together.weight[0], together.weight[3])
 
 
 def test_grid_adamw_equals_torch_adamw():
@@ -103,33 +77,6 @@ def test_grid_lars_equals_mae_lars():
         assert torch.allclose(p[i], ref[i], atol=1e-6)
 
 
-def test_heads_match_reference_formulas():
-    torch.manual_seed(0)
-    B, T, D, C = 4, 7, 128, 5
-    x = torch.randn(B, 1, T, D)
-    patches = x[:, 0, 1:]
-    ab = create_head("abmilp", dim=D, num_classes=C, members=1).eval()
-    a = torch.softmax(patches @ ab.score_w[0, 0], dim=1)  # over patch tokens only
-    z = (a.unsqueeze(-1) * patches).sum(1)
-    ref = F.batch_norm(z, ab.norm.running_mean[0], ab.norm.running_var[0], eps=1e-6) @ ab.weight[0] + ab.bias[0]
-    assert torch.allclose(ab(x)[0], ref, atol=1e-5)
-    # CAPI's AttnPoolClassifier computed the plain way: kv = Linear(D, 2D), SDPA with one query, D/64 heads
-    at = create_head("attentive", dim=D, num_classes=C, members=1).eval()
-    H = D // 64
-    kv = patches @ at.kv_w[0, 0].T + at.kv_bias[0, 0]
-    k, v = kv[..., :D], kv[..., D:]
-    q = at.query[0, 0].view(1, H, 1, 64).expand(B, -1, -1, -1)
-    out = F.scaled_dot_product_attention(q, k.view(B, -1, H, 64).transpose(1, 2), v.view(B, -1, H, 64).transpose(1, 2))
-    ref = out.reshape(B, D) @ at.weight[0] + at.bias[0]
-    assert torch.allclose(at(x)[0], ref, atol=1e-5)
-    # gated AbMILP (Ilse et al.): softmax(w^T[tanh(Vx) * sigmoid(Ux)])
-    gt = create_head("abmilp-gated", dim=D, num_classes=C, members=1).eval()
-    s = (torch.tanh(patches @ gt.V[0, 0] + gt.V_bias[0, 0]) * torch.sigmoid(patches @ gt.U[0, 0] + gt.U_bias[0, 0])) @ gt.w[0, 0]
-    a = torch.softmax(s, dim=1)
-    assert torch.allclose(gt.attention(x)[0, :, 0], a, atol=1e-6)
-    assert gt.V.shape[-1] == 128
-
-
 def test_subsets_shots_fractions_files(stores, tmp_path):
     s = TokenStore.open(stores[0])
     rows = subsets.usable_rows(s)
@@ -151,6 +98,15 @@ def test_subsets_shots_fractions_files(stores, tmp_path):
     assert got.tolist() == [3, 17] and missing == 1
     tr, va = subsets.val_split(rows, labels, 0.1, seed=0)
     assert len(va) == 24 and not set(tr) & set(va) and np.bincount(labels[va]).tolist() == [8, 8, 8]
+    # validation rows of a subset: outside it by default (the subset trains whole), or cut from it
+    sub = subsets.Subset(a, "shots", 5)
+    tr, va, where = subsets.validation(rows, labels, sub, 0.1, seed=0)
+    assert np.array_equal(tr, a) and len(va) == 24 and not set(va) & set(a) and "outside" in where
+    assert np.bincount(labels[va]).tolist() == [8, 8, 8]
+    tr, va, _ = subsets.validation(rows, labels, sub, 0.1, seed=0, cap=9)
+    assert len(va) == 9
+    tr2, va2, where = subsets.validation(rows, labels, subsets.Subset(f, "fraction", 0.25), 0.2, 0, "subset")
+    assert len(va2) == 12 and set(tr2) | set(va2) == set(f) and "subset" in where
 
 
 def test_few_shot_seeds_results_and_jsonl(stores, tmp_path, cli):
@@ -176,8 +132,8 @@ def test_few_shot_seeds_results_and_jsonl(stores, tmp_path, cli):
 def test_probe_errors(tmp_path, stores, cli):
     x, y = _data()
     other = synthetic_store(tmp_path / "other.zarr", x, y, model_name="another_model")
-    no_cls = synthetic_store(tmp_path / "nocls.zarr", x[:, 1:], y, num_prefix_tokens=0)
-    no_cls_eval = synthetic_store(tmp_path / "nocls_e.zarr", x[:, 1:], y, num_prefix_tokens=0)
+    no_cls = synthetic_store(tmp_path / "nocls.zarr", x[:, 1:], y, num_prefix_tokens=0, model_name="gapvit")
+    no_cls_eval = synthetic_store(tmp_path / "nocls_e.zarr", x[:, 1:], y, num_prefix_tokens=0, model_name="gapvit")
     unlabelled = synthetic_store(tmp_path / "unl.zarr", x, np.full(240, -1), class_names=["0", "1", "2"])
     partly = synthetic_store(tmp_path / "part.zarr", x, np.where(np.arange(240) % 10 == 0, -1, y))
     inc = synthetic_store(tmp_path / "inc.zarr", x, y)
@@ -188,12 +144,16 @@ def test_probe_errors(tmp_path, stores, cli):
     g.attrs["complete"] = False
     cases = [
         ((stores[0], other), [], "different models"),
-        ((no_cls, no_cls_eval), ["--head", "linear-cls"], "no [cls] token"),
+        ((no_cls, no_cls_eval), ["--head", "linear-cls"], "no [cls] token (model gapvit"),
         ((inc, stores[1]), [], "incomplete"),
         ((stores[0], stores[1]), ["--shots", "500"], "only 80 usable"),
         ((stores[0], stores[1]), ["--head", "nonsense"], "unknown head"),
-        ((stores[0], stores[1]), ["--val-fraction", "0"], "single --lr and --wd"),
-        ((stores[0], stores[1]), ["--shots", "2"], "too few samples"),
+        ((stores[0], stores[1]), ["--head", "abmilp:depth=3"], "depth='3'; choose from 1, 2"),
+        ((stores[0], stores[1]), ["--head", "abmilp:colour=red"], "unknown option 'colour'"),
+        ((stores[0], stores[1]), ["--val-fraction", "0", "--lr", "1e-3,1e-2"], "nothing to choose"),
+        ((stores[0], stores[1]), ["--shots", "2", "--val-from", "subset"], "too few samples"),
+        ((stores[0], stores[1]), ["--fraction", "1.0"], "too few rows outside the subset"),
+        ((stores[0], stores[1]), ["--val-from", "elsewhere"], "--val-from elsewhere"),
         ((unlabelled, stores[1]), [], "no valid labelled samples"),
         ((stores[0], stores[1]), ["--optimizer", "lbfgs", "--head", "linear-mean,abmilp"], "linear heads only"),
         ((stores[0], stores[1]), ["--optimizer", "sgd"], "--optimizer"),
@@ -201,7 +161,7 @@ def test_probe_errors(tmp_path, stores, cli):
          "no learning rate"),
     ]
     for (a, b), extra, expect in cases:
-        code, out, err = cli("probe", a, b, *extra, "--epochs", "1", "--quiet")
+        code, out, err = cli("probe", a, b, *extra, "--epochs", "1", "--min-steps", "0", "--quiet")
         lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
         assert code == 2 and len(lines) == 1 and expect in lines[0], (expect, err)
     code, out, err = cli("probe", inc, stores[1], "--allow-incomplete", "--epochs", "1", "--head", "linear-mean",
@@ -210,7 +170,7 @@ def test_probe_errors(tmp_path, stores, cli):
     code, out, err = cli("probe", partly, stores[1], "--epochs", "1", "--head", "linear-mean", "--quiet")
     assert code == 0 and "24 unlabelled samples" in err
     # the default heads skip [cls] heads on a store without [cls], with a note
-    code, out, err = cli("probe", no_cls, no_cls_eval, "--epochs", "1", "--quiet")
+    code, out, err = cli("probe", no_cls, no_cls_eval, "--epochs", "1", "--min-steps", "0", "--quiet")
     assert code == 0 and "linear-cls" not in out and "abmilp" in out
 
 
@@ -223,28 +183,16 @@ def test_invalid_samples_never_used(tmp_path):
     te = synthetic_store(tmp_path / "te.zarr", *_data(60, seed=3))
     s = TokenStore.open(tr)
     assert set(subsets.usable_rows(s)) == set(np.flatnonzero(valid))
-    recs = run_probe(tr, te, ProbeOptions(heads=["abmilp"], lrs=[3e-3], wds=[0.0], epochs=2, batch_size=32,
-                                          quiet=True, device="cpu"))
-    assert math.isfinite(recs[0]["metrics"]["eval_top1"]) and recs[0]["metrics"]["eval_top1"] > 0.5
+    recs = run_probe(tr, te, ProbeOptions(heads=["abmilp", "linear-mean"], lrs=[3e-3], wds=[0.0], epochs=2,
+                                          min_steps=0, batch_size=32, quiet=True, device="cpu"))
+    for r in recs:
+        assert math.isfinite(r["metrics"]["eval_top1"]) and r["metrics"]["eval_top1"] > 0.5
 
 
-def test_save_heads_and_predict(stores, tmp_path, cli):
-    heads_dir = tmp_path / "heads"
-    code, out, err = cli("probe", *stores, "--head", "abmilp", "--epochs", "4", "--save-heads", heads_dir, "--quiet",
-                         "--lr", "3e-3", "--wd", "0")
-    assert code == 0, err
-    acc = float(out.splitlines()[-1].split()[4])
-    preds = tmp_path / "p.csv"
-    code, out, err = cli("predict", heads_dir / "abmilp" / "seed0", stores[1], "--out", preds)
-    assert code == 0, err
-    assert f"top-1 {acc:.2f}%" in out
-    lines = preds.read_text().splitlines()
-    assert lines[0].startswith("sample_id,label,pred") and len(lines) == 91
-
-
-def test_linear_only_runs_pool_once_with_identical_results(tmp_path):
-    """Linear heads alone train on features pooled in one pass; same numbers as the token path, and the saved
-    heads still read full tokens (final norm and prefix tokens included)."""
+def test_linear_heads_on_pooled_features_equal_the_token_path(tmp_path):
+    """Linear heads that train alone read features pooled once; trained with the same optimizer and batches on the
+    tokens (beside a token head), they get the same numbers; their saved heads read full tokens (final norm and
+    prefix tokens included)."""
     from mimprobe.probe import run_predict
 
     x, y = _data(T=10)
@@ -252,7 +200,8 @@ def test_linear_only_runs_pool_once_with_identical_results(tmp_path):
     norm = {"weight": torch.linspace(0.5, 2, 16), "bias": torch.linspace(-1, 1, 16)}
     tr = synthetic_store(tmp_path / "tr.zarr", x, y, num_prefix_tokens=2, final_norm=norm)
     te = synthetic_store(tmp_path / "te.zarr", xe, ye, num_prefix_tokens=2, final_norm=norm)
-    common = dict(lrs=[1e-3, 1e-2], wds=[1e-4], epochs=3, batch_size=32, quiet=True, device="cpu", final_norm=True)
+    common = dict(lrs=[1e-3, 1e-2], wds=[1e-4], epochs=3, min_steps=0, batch_size=32, quiet=True, device="cpu",
+                  final_norm=True, optimizer="adamw")
     pooled = run_probe(tr, te, ProbeOptions(heads=["linear-cls", "linear-mean"], save_heads=str(tmp_path / "h"),
                                             **common))
     tokens = run_probe(tr, te, ProbeOptions(heads=["linear-cls", "linear-mean", "abmilp"], **common))
@@ -266,3 +215,29 @@ def test_linear_only_runs_pool_once_with_identical_results(tmp_path):
     for r in pooled:
         res = run_predict(str(tmp_path / "h" / r["head"] / "seed0"), te, None, device="cpu")
         assert res["top1"] == pytest.approx(r["metrics"]["eval_top1"])
+
+
+def test_head_specs_from_the_command_line():
+    from mimprobe.cli import _heads
+    from mimprobe.probe.heads import parse_spec, spec_key
+
+    assert _heads(["linear-cls,abmilp:depth=2,act=tanh", "attentive"]) == [
+        "linear-cls", "abmilp:depth=2,act=tanh", "attentive"]
+    kind, opts = parse_spec("abmilp:act=tanh,depth=2")
+    assert kind == "abmilp" and opts["depth"] == 2 and opts["sa"] == "none"
+    assert spec_key(kind, opts) == "abmilp:depth=2,act=tanh"  # declaration order, defaults left out
+    assert spec_key(*parse_spec("abmilp:depth=1")) == "abmilp"
+
+
+def test_save_heads_and_predict(stores, tmp_path, cli):
+    heads_dir = tmp_path / "heads"
+    code, out, err = cli("probe", *stores, "--head", "abmilp:depth=2", "--epochs", "4", "--min-steps", "0",
+                         "--save-heads", heads_dir, "--quiet", "--lr", "3e-3", "--wd", "0", "--out", tmp_path / "r.jsonl")
+    assert code == 0, err
+    acc = 100 * json.loads((tmp_path / "r.jsonl").read_text())["metrics"]["eval_top1"]
+    preds = tmp_path / "p.csv"
+    code, out, err = cli("predict", heads_dir / "abmilp_depth-2" / "seed0", stores[1], "--out", preds)
+    assert code == 0, err
+    assert f"top-1 {acc:.2f}%" in out
+    lines = preds.read_text().splitlines()
+    assert lines[0].startswith("sample_id,label,pred") and len(lines) == 91

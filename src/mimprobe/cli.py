@@ -97,23 +97,41 @@ def _list(values: Optional[list[str]]) -> list[str]:
     return [v.strip() for item in values or [] for v in item.split(",") if v.strip()]
 
 
+def _heads(values: Optional[list[str]]) -> list[str]:
+    """Head specs from repeated options and comma lists; ``key=value`` items belong to the spec before them:
+    ``linear-cls,abmilp:depth=2,act=tanh`` → [linear-cls, abmilp:depth=2,act=tanh]."""
+    out: list[str] = []
+    for item in _list(values):
+        if "=" in item and ":" not in item and out:
+            out[-1] += "," + item
+        else:
+            out.append(item)
+    return out
+
+
 @app.command()
 def probe(
     train_store: str = typer.Argument(..., help="store to train (and choose hyper-parameters) on"),
     eval_store: str = typer.Argument(..., help="store to report on (never used for choosing)"),
-    head: Optional[list[str]] = typer.Option(None, "--head", help="head kind(s), repeat or comma list "
-                                             "(default linear-cls,linear-mean,abmilp)"),
+    head: Optional[list[str]] = typer.Option(None, "--head", help="head spec(s), repeat or comma list, options as "
+                                             "kind:key=value,... (default linear-cls,linear-mean,abmilp)"),
     lr: Optional[str] = typer.Option(None, help="learning rates, comma list (default 1e-4,3e-4,1e-3,3e-3,1e-2; "
                                      "lars: base lr 0.1)"),
     wd: Optional[str] = typer.Option(None, help="weight decays, comma list (default 5e-4,5e-2; lars: 0)"),
+    l2: Optional[str] = typer.Option(None, help="L2 penalties of the L-BFGS linear heads, comma list "
+                                     "(default 1e-6..1; l2 = 1/(C N) for scikit-learn's C)"),
     epochs: int = typer.Option(10),
+    min_steps: int = typer.Option(1000, help="train at least this many optimizer steps, whatever the data size"),
     batch_size: int = typer.Option(256),
-    optimizer: str = typer.Option("adamw", help="adamw | lars (the paper: lr = base x batch/256, 10 warmup "
-                                  "epochs) | lbfgs (linear heads: full-batch logistic regression, --wd = L2 "
-                                  "grid, default 1e-6..1e-1)"),
+    optimizer: str = typer.Option("auto", help="auto (linear heads: full-batch L-BFGS logistic regression when "
+                                  "their pooled features fit in memory; others: adamw) | adamw | lars (the "
+                                  "paper: lr = base x batch/256, 10 warmup epochs) | lbfgs (linear heads only)"),
     warmup_epochs: Optional[float] = typer.Option(None, help="default 1 (adamw) or 10 (lars), at most epochs/4"),
     seed: Optional[str] = typer.Option(None, "--seeds", "--seed", help="seeds, comma list: one result each"),
-    val_fraction: float = typer.Option(0.1, help="stratified part of the train subset held out for choosing"),
+    val_fraction: float = typer.Option(0.1, help="validation rows for choosing: this fraction of the train store"),
+    val_from: str = typer.Option("outside", help="with --shots/--fraction/--subset: draw validation rows outside "
+                                 "the subset (default) or cut them from it (subset)"),
+    val_max: int = typer.Option(10000, help="at most this many validation rows drawn outside a subset"),
     shots: Optional[int] = typer.Option(None, help="K samples per class from the train store"),
     fraction: Optional[float] = typer.Option(None, help="a stratified fraction of the train store"),
     subset: Optional[str] = typer.Option(None, help="file of sample ids (one per line), e.g. ImageNet 1%"),
@@ -127,17 +145,19 @@ def probe(
     save_heads: Optional[str] = typer.Option(None, help="save each chosen head under this directory"),
     quiet: bool = typer.Option(False),
 ):
-    """Train linear / AbMILP / attentive heads on cached tokens: a whole lr x wd grid in one pass."""
+    """Train probe heads on cached tokens (whole grids in one pass), choose on train, report on eval."""
     from mimprobe.probe import ProbeOptions, run_probe
     from mimprobe.probe.results import format_table
 
     _quiet(quiet)
     opts = ProbeOptions(
-        heads=_list(head), lrs=_numbers(lr, "--lr", float), wds=_numbers(wd, "--wd", float), epochs=epochs,
-        batch_size=batch_size, optimizer=optimizer, warmup_epochs=warmup_epochs, seeds=_numbers(seed, "--seeds") or [0],
-        val_fraction=val_fraction, shots=shots, fraction=fraction, subset=subset, final_norm=final_norm,
-        layers=_numbers(layers, "--layers"), in_memory=in_memory, device=device, workers=workers,
-        allow_incomplete=allow_incomplete, out=out, save_heads=save_heads, quiet=quiet,
+        heads=_heads(head), lrs=_numbers(lr, "--lr", float), wds=_numbers(wd, "--wd", float),
+        l2=_numbers(l2, "--l2", float), epochs=epochs, min_steps=min_steps, batch_size=batch_size,
+        optimizer=optimizer, warmup_epochs=warmup_epochs, seeds=_numbers(seed, "--seeds") or [0],
+        val_fraction=val_fraction, val_from=val_from, val_max=val_max, shots=shots, fraction=fraction,
+        subset=subset, final_norm=final_norm, layers=_numbers(layers, "--layers"), in_memory=in_memory,
+        device=device, workers=workers, allow_incomplete=allow_incomplete, out=out, save_heads=save_heads,
+        quiet=quiet,
     )
     records = run_probe(train_store, eval_store, opts)
     if records and records[0]["world_size"] > 1 and not _is_main():

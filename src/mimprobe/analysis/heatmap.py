@@ -60,11 +60,11 @@ def backbone_for_head(config: dict, checkpoint: str | None = None, head_dir: str
 
 
 def head_attention(headset: HeadSet, key: str, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokens (B, L, T, D) of the head's blocks → (weights over patches (B, N) averaged over the L blocks,
-    logits (B, C))."""
+    """Tokens (B, L, T, D) of the head's blocks → (weights over patches (B, N) averaged over the L blocks and the
+    head's queries, logits (B, C))."""
     head = headset.heads[key]
     x = headset.prepare(tokens)
-    return head.attention(x)[0].mean(1), head(x)[0]
+    return head.attention(x)[0].mean((1, 2)), head(x)[0]
 
 
 def to_image(x: torch.Tensor, data_config: dict) -> np.ndarray:

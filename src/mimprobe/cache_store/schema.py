@@ -37,15 +37,20 @@ INDEX_CHUNK_ROWS = 2**16
 
 DTYPES = ("float16", "bfloat16", "float32", "int8")
 
-# Attributes that must agree for a resumed run to continue an existing store (dotted paths into attrs).
-IDENTITY_KEYS = (
+# Attributes that say two stores hold tokens of the same network and preprocessing (dotted paths into attrs):
+# stores probed together, and a saved head and the store it predicts on, must agree on them.
+MODEL_KEYS = (
     "model.name",
     "model.weights",
     "model.checkpoint_sha256",
     "model.init_seed",
     "model.img_size",
+    "model.embed_dim",
     "model.num_prefix_tokens",
     "preprocessing",
+)
+# Attributes that must agree for a resumed run to continue an existing store.
+IDENTITY_KEYS = MODEL_KEYS + (
     "dataset.content_hash",
     "dataset.num_samples",
     "dtype",
@@ -129,10 +134,10 @@ def _get(d: dict, dotted: str):
     return d
 
 
-def identity_diff(old: dict, new: dict) -> list[str]:
-    """The identity attributes that differ, as ``'key: old != new'`` strings (empty when they agree)."""
+def identity_diff(old: dict, new: dict, keys: tuple[str, ...] = IDENTITY_KEYS) -> list[str]:
+    """The attributes of ``keys`` that differ, as ``'key: old != new'`` strings (empty when they agree)."""
     out = []
-    for key in IDENTITY_KEYS:
+    for key in keys:
         a, b = _get(old, key), _get(new, key)
         if _normalize(a) != _normalize(b):
             out.append(f"{key}: {_short(a)} != {_short(b)}")

@@ -8,7 +8,15 @@ import numpy as np
 import torch
 
 from mimprobe.cache_store.backend import Backend, backend_class, infer_format
-from mimprobe.cache_store.schema import INDEX_CHUNK_ROWS, SCHEMA_VERSION, TokenCodec, chunk_rows_for, scales_name
+from mimprobe.cache_store.schema import (
+    INDEX_CHUNK_ROWS,
+    MODEL_KEYS,
+    SCHEMA_VERSION,
+    TokenCodec,
+    chunk_rows_for,
+    identity_diff,
+    scales_name,
+)
 from mimprobe.errors import UserError
 
 
@@ -273,3 +281,16 @@ class TokenStore:
 
     def size_on_disk(self) -> int:
         return self.backend.size_on_disk()
+
+
+def check_compatible(a: TokenStore, b: TokenStore) -> None:
+    """Refuse two stores that do not hold tokens of the same network, preprocessing and classes."""
+    diffs = identity_diff(a.attrs, b.attrs, MODEL_KEYS)
+    if diffs:
+        raise UserError(f"{a.path} and {b.path} come from different models or preprocessing "
+                        f"({'; '.join(diffs[:2])}); extract both with the same MODEL and options")
+    ca, cb = a.class_names, b.class_names
+    if ca and cb and ca != cb:
+        extra = sorted(set(cb) - set(ca))[:3]
+        raise UserError(f"{a.path} and {b.path} have different classes"
+                        + (f" (e.g. {', '.join(extra)} only in the eval store)" if extra else " (order differs)"))

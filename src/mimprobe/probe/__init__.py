@@ -1,6 +1,8 @@
-"""Probing cached tokens: heads, the grid trainer, subsets, metrics and results."""
+"""Probing cached tokens: a plan (heads, grids, rows), the trainers, selection, records and saved heads."""
 
 from mimprobe.probe.heads import HEADS, create_head
-from mimprobe.probe.run import ProbeOptions, run_predict, run_probe
+from mimprobe.probe.plan import ProbeOptions
+from mimprobe.probe.predict import run_predict
+from mimprobe.probe.run import run_probe
 
 __all__ = ["HEADS", "ProbeOptions", "create_head", "run_predict", "run_probe"]

@@ -49,6 +49,7 @@ class Feeder:
         self.store, self.rows, self.batch_size = store, np.asarray(rows), batch_size
         self.device, self.ctx, self.workers = device, ctx, workers
         self.codec = store.codec
+        self.pooled = False  # batches are tokens (B, L, T, D), not pooled features
         self.read_seconds = 0.0
         need = rows_bytes(store, len(self.rows), len(blocks) * max(1, views))
         if in_memory is None:
@@ -82,11 +83,12 @@ class Feeder:
 
     @classmethod
     def from_batch(cls, data: TokenBatch, batch_size: int, *, device: torch.device, shuffle: bool, seed: int,
-                   codec: TokenCodec, read_seconds: float = 0.0) -> "Feeder":
-        """A feeder over rows already in memory (e.g. features pooled once), this process's share only."""
+                   codec: TokenCodec, read_seconds: float = 0.0, pooled: bool = False) -> "Feeder":
+        """A feeder over rows already in memory (e.g. features pooled once: ``pooled``), this process's share."""
         self = cls.__new__(cls)
         self.store, self.rows, self.batch_size = None, data.rows.numpy(), batch_size
         self.device, self.ctx, self.workers, self.codec = device, DistContext(), 0, codec
+        self.pooled = pooled
         self.read_seconds, self.in_memory, self.views, self.epoch = read_seconds, True, 0, 0
         self.reader = InMemoryReader(data, batch_size, shuffle=shuffle, seed=seed)
         return self

@@ -11,9 +11,6 @@ import math
 
 import torch
 
-OPTIMIZERS = ("adamw", "lars", "lbfgs")  # lbfgs: full-batch, linear heads only (see trainer.train_lbfgs)
-
-
 def _per_member(v: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return v.view(-1, *([1] * (p.dim() - 1)))
 

@@ -1,4 +1,5 @@
-"""Result records (one JSON object per head and seed), the stdout table, and saved heads."""
+"""Result files (one JSON object per head and seed, appended atomically), references to stores and models, and
+the table a probe run prints."""
 
 from __future__ import annotations
 
@@ -41,40 +42,63 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
 
 
+def _axis(rs: list[dict], axis: str) -> str:
+    values = sorted({r["chosen"][axis] for r in rs if axis in r["chosen"]})
+    if not values:
+        return "-"
+    edge = any(e.startswith(axis + "=") for r in rs for e in r["chosen"].get("edges", []))
+    return ",".join(f"{x:g}" for x in values) + ("*" if edge else "")
+
+
 def format_table(records: list[dict]) -> str:
-    """One row per head: chosen lr / wd, val top-1, eval top-1 (mean ± std over seeds), top-5."""
+    """One row per head: how it trained, the chosen lr / wd (or l2), val top-1, eval top-1 (mean ± std over
+    seeds), top-5; then notes on choices at the edge of their grid and on ties."""
     by_head: dict[str, list[dict]] = {}
     for r in records:
         by_head.setdefault(r["head"], []).append(r)
-    rows = [("head", "lr", "wd", "val top-1", "eval top-1", "eval top-5", "seeds")]
+    rows = [("head", "fit", "lr", "wd / l2", "val top-1", "eval top-1", "eval top-5", "seeds")]
+    edge_heads, tie_heads = [], []
     for head, rs in by_head.items():
-        lrs = sorted({r["chosen"]["lr"] for r in rs})
-        wds = sorted({r["chosen"]["wd"] for r in rs})
-        no_lr = all(r.get("protocol", {}).get("optimizer") == "lbfgs" for r in rs)  # full batch: no step size
         val = [r["metrics"]["val_top1"] for r in rs if r["metrics"].get("val_top1") is not None]
         ev = [r["metrics"]["eval_top1"] for r in rs]
         t5 = [r["metrics"]["eval_top5"] for r in rs if r["metrics"].get("eval_top5") is not None]
         m, s = mean_std(ev)
-        rows.append((
-            head,
-            "-" if no_lr else ",".join(f"{x:g}" for x in lrs),
-            ",".join(f"{x:g}" for x in wds),
-            f"{100 * np.mean(val):.2f}" if val else "-",
-            f"{100 * m:.2f} ± {100 * s:.2f}" if len(ev) > 1 else f"{100 * m:.2f}",
-            f"{100 * np.mean(t5):.2f}" if t5 else "-",
-            str(len(rs)),
-        ))
+        tr = rs[0].get("training", {})
+        fit = tr.get("optimizer", "?") + (f" {tr['steps']} steps" if "steps" in tr else "")
+        reg = _axis(rs, "l2") if "l2" in rs[0]["chosen"] else _axis(rs, "wd")
+        rows.append((head, fit, _axis(rs, "lr"), reg, f"{100 * np.mean(val):.2f}" if val else "-",
+                     f"{100 * m:.2f} ± {100 * s:.2f}" if len(ev) > 1 else f"{100 * m:.2f}",
+                     f"{100 * np.mean(t5):.2f}" if t5 else "-", str(len(rs))))
+        if any(r["chosen"].get("edges") for r in rs):
+            edge_heads.append(head)
+        n_ties = sum(1 for r in rs if r["chosen"].get("ties", 1) > 1)
+        if n_ties:
+            tie_heads.append(f"{head} ({n_ties}/{len(rs)} seeds)")
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    if edge_heads:
+        lines.append(f"* chosen at the edge of its grid ({', '.join(edge_heads)}): the best value may lie outside "
+                     "it; extend --lr / --wd / --l2 past that edge")
+    if tie_heads:
+        lines.append(f"ties: the validation rows could not tell the best grid points apart for {', '.join(tie_heads)}"
+                     " (the lowest validation loss decided); more validation rows (--val-fraction) would")
     return "\n".join(lines)
 
 
 def append_jsonl(path: str, records: list[dict]) -> None:
+    """Append the records as whole lines in one write (O_APPEND), flushed to disk: a killed run leaves either
+    all of them or none, never half a line."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, sort_keys=False) + "\n")
+    data = "".join(json.dumps(r, sort_keys=False) + "\n" for r in records).encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def now() -> str:

@@ -27,7 +27,8 @@ def save_head(directory: str, headset: HeadSet, key: str, meta: dict) -> str:
             tensors["norm.bias"] = headset.norm.bias.cpu().contiguous()
         norm = {"kind": headset.norm.kind, "eps": headset.norm.eps}
     save_file(tensors, os.path.join(directory, WEIGHTS))
-    config = {"key": key, "head": head.config(), "inputs": headset.inputs[key], "final_norm": norm, **meta}
+    config = {"key": key, "head": head.config(), "inputs": headset.inputs[key], "final_norm": norm,
+              "num_prefix": headset.num_prefix, **meta}
     with open(os.path.join(directory, CONFIG), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
     return directory
@@ -53,4 +54,5 @@ def load_head(directory: str) -> tuple[HeadSet, dict]:
     if config.get("final_norm"):
         norm = TokenNorm({**config["final_norm"], "weight": tensors["norm.weight"], "bias": tensors.get("norm.bias")})
     key = config["key"]  # batches for a loaded head carry exactly its own blocks (see head_blocks)
-    return HeadSet({key: head}, {key: list(range(len(config["inputs"])))}, norm).eval(), config
+    return HeadSet({key: head}, {key: list(range(len(config["inputs"])))}, norm,
+                   config.get("num_prefix", hc.get("num_prefix", 1))).eval(), config

@@ -1,7 +1,10 @@
-"""Which store rows a probe trains, selects and evaluates on: usable rows, few-shot subsets, the val split.
+"""Which store rows a probe trains, selects and evaluates on: usable rows, few-shot subsets, validation rows.
 
-All subsets are drawn from the *train* store only, stratified by class and seeded, and identified by a hash
-of their sample ids (stored with every result).
+All of them come from the *train* store only, stratified by class and seeded, and are identified by a hash of
+their sample ids (stored with every result). When a subset (k shots, a fraction, a list) picks the training
+rows, (lr, wd) are chosen on validation rows drawn from the train store's rows *outside* the subset, so a
+k-shot head trains on exactly k images per class (docs/protocol.md); ``--val-from subset`` cuts them from the
+subset instead.
 """
 
 from __future__ import annotations
@@ -26,10 +29,14 @@ class Subset:
     missing: int = 0  # ids of a subset file not found in the store
 
     def describe(self, store: TokenStore) -> dict:
-        ids = sorted(store.sample_ids[r] for r in self.rows)
         return {"kind": self.kind, "value": self.value, "file": self.file, "num_samples": int(len(self.rows)),
-                "missing_from_store": self.missing,
-                "hash": hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]}
+                "missing_from_store": self.missing, "hash": ids_hash(store, self.rows)}
+
+
+def ids_hash(store: TokenStore, rows: np.ndarray) -> str:
+    """A short hash of the sample ids of ``rows`` (order-free): names a set of samples across runs."""
+    ids = sorted(store.sample_ids[r] for r in rows)
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
 
 
 def usable_rows(store: TokenStore, allow_incomplete: bool = False, labelled: bool = True) -> np.ndarray:
@@ -104,17 +111,59 @@ def from_file(store: TokenStore, rows: np.ndarray, path: str) -> tuple[np.ndarra
 
 
 def val_split(rows: np.ndarray, labels: np.ndarray, f: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train rows, val rows): a stratified, seeded fraction ``f`` held out for choosing (lr, wd)."""
+    """(train rows, val rows): a stratified, seeded fraction ``f`` of ``rows`` held out for choosing (lr, wd)."""
     if f == 0:
         return np.sort(rows), np.empty(0, dtype=rows.dtype)
-    if not 0 < f < 1:
-        raise UserError(f"--val-fraction {f}: must be in [0, 1)")
+    check_fraction(f)
     y = labels[rows]
     counts = np.bincount(y)
     n_classes = int((counts > 0).sum())
     n_val = int(round(f * len(rows)))
     if counts[counts > 0].min() < 2 or n_val < n_classes or len(rows) - n_val < n_classes:
         raise UserError(f"--val-fraction {f}: too few samples ({len(rows)} for {n_classes} classes) to hold out a "
-                        "stratified validation split; use more data, or --val-fraction 0 with a single --lr and --wd")
+                        "stratified validation split from them; use more data, --val-from outside (with a subset), "
+                        "or --val-fraction 0")
     tr, va = train_test_split(rows, test_size=n_val, stratify=y, random_state=seed)
     return np.sort(tr), np.sort(va)
+
+
+def check_fraction(f: float) -> None:
+    if not 0 <= f < 1:
+        raise UserError(f"--val-fraction {f}: must be in [0, 1)")
+
+
+VAL_FROM = ("outside", "subset")
+
+
+def validation(usable: np.ndarray, labels: np.ndarray, sub: Subset, f: float, seed: int, where: str = "outside",
+               cap: int | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+    """(training rows, validation rows, where they came from) for one seed.
+
+    Without a subset (``sub.kind == "all"``), or with ``where == "subset"``, a stratified fraction ``f`` of the
+    training rows is held out (:func:`val_split`). With a subset and ``where == "outside"``, the subset trains
+    whole and ``round(f · len(usable))`` rows (at most ``cap``) are drawn, stratified and seeded, from the usable
+    rows outside it."""
+    if where not in VAL_FROM:
+        raise UserError(f"--val-from {where}: choose outside or subset")
+    if f == 0:
+        return np.sort(sub.rows), np.empty(0, dtype=np.int64), "none"
+    if sub.kind == "all" or where == "subset":
+        tr, va = val_split(sub.rows, labels, f, seed)
+        return tr, va, "the training rows (stratified split)" if sub.kind == "all" else "the subset (stratified split)"
+    check_fraction(f)
+    outside = np.setdiff1d(usable, sub.rows)
+    n = int(round(f * len(usable)))
+    if cap is not None:
+        n = min(n, cap)
+    y = labels[outside]
+    n_classes = len(np.unique(labels[usable]))
+    if len(np.unique(y)) < n_classes or n < n_classes:
+        raise UserError(f"--val-fraction {f}: the train store has too few rows outside the subset "
+                        f"({len(outside)}, {len(np.unique(y))} of {n_classes} classes) to choose (lr, wd) on; use "
+                        "--val-from subset, or --val-fraction 0")
+    if n < len(outside):
+        try:
+            outside, _ = train_test_split(outside, train_size=n, stratify=y, random_state=seed)
+        except ValueError:  # a class with a single row outside the subset cannot be stratified
+            outside, _ = train_test_split(outside, train_size=n, random_state=seed)
+    return np.sort(sub.rows), np.sort(outside), "train-store rows outside the subset"

@@ -1,0 +1,225 @@
+"""The head registry and what every head shares.
+
+A registered head is a *grid*: one module holding G independent heads of one kind (one per (lr, wd) point),
+parameters stacked on a leading member axis, so one batch read once trains all of them in a few batched
+matmuls (measured 5x faster than ``torch.func.vmap`` over plain modules for AbMILP at G = 24; see
+docs/design.md). Adding a head is one class with :func:`register`, plus its reference test.
+
+Each head declares what it reads from the tokens:
+
+* ``features = ("cls",)`` etc.: parameter-free pooled features (:mod:`mimprobe.probe.pooling`), shared by all
+  members; the runner computes them once per batch, or once per sample for a whole run;
+* ``features = None``: the tokens themselves, (B, L, T, D) with T = P prefix + N patch tokens.
+
+Options come from a spec string, ``kind:key=value,key=value`` (e.g. ``abmilp:depth=2,act=tanh``); each head
+declares its options and their defaults in ``OPTIONS``, and the canonical spec (non-default options only) is
+the head's name in results.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+from torch import nn
+
+from mimprobe.errors import UserError
+
+HEADS: dict[str, type["GridHead"]] = {}
+
+
+def register(name: str):
+    def deco(cls):
+        cls.kind = name
+        HEADS[name] = cls
+        return cls
+
+    return deco
+
+
+def parse_spec(spec: str) -> tuple[str, dict]:
+    """``'abmilp:depth=2,act=tanh'`` → ``('abmilp', {'depth': 2, 'act': 'tanh'})``, validated."""
+    kind, _, rest = spec.partition(":")
+    kind = kind.strip()
+    if kind not in HEADS:
+        raise UserError(f"--head {spec}: unknown head; choose from {', '.join(HEADS)}")
+    opts = {}
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise UserError(f"--head {spec}: option {item!r} needs a value (key=value)")
+        opts[key.strip()] = value.strip()
+    return kind, HEADS[kind].resolve_options(opts, spec)
+
+
+def spec_key(kind: str, options: dict) -> str:
+    """The canonical name of a head: its kind and its non-default options, in declaration order."""
+    defaults = HEADS[kind].OPTIONS
+    extra = [f"{k}={options[k]}" for k in defaults if k in options and options[k] != defaults[k][0]]
+    return kind + (":" + ",".join(extra) if extra else "")
+
+
+def create_head(kind: str, **kwargs) -> "GridHead":
+    if kind not in HEADS:
+        raise UserError(f"--head {kind}: unknown head; choose from {', '.join(HEADS)}")
+    return HEADS[kind](**kwargs)
+
+
+def member_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """Each member's Linear on tokens: x (B, L, N, D) shared by all members, or (G, B, L, N, D) per member;
+    w (G, L, D, E), b (G, L, E) → (G, B, L, N, E)."""
+    y = torch.einsum("blnd,glde->gblne" if x.dim() == 4 else "gblnd,glde->gblne", x, w)
+    return y if b is None else y + b[:, None, :, None]
+
+
+def sincos_2d(grid: tuple[int, int] | None, dim: int) -> torch.Tensor:
+    """A fixed 2-D sin-cos position embedding (N, D) of a patch grid, row-major like the tokens (timm's)."""
+    from timm.layers import build_sincos2d_pos_embed
+
+    if grid is None:
+        raise UserError("cond=pe needs the patch grid of the store (model.grid_size); this store has none")
+    if dim % 4:
+        raise UserError(f"cond=pe: a 2-D sin-cos embedding needs a width divisible by 4 (the model's is {dim})")
+    return build_sincos2d_pos_embed(list(grid), dim)
+
+
+class GridBatchNorm(nn.Module):
+    """``BatchNorm1d(F, affine=False, eps=1e-6)`` for G members at once: input (G, B, F)."""
+
+    def __init__(self, members: int, features: int, eps: float = 1e-6, momentum: float = 0.1):
+        super().__init__()
+        self.eps, self.momentum = eps, momentum
+        self.register_buffer("running_mean", torch.zeros(members, features))
+        self.register_buffer("running_var", torch.ones(members, features))
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            n = f.shape[1]
+            mean = f.mean(1)
+            var = f.var(1, unbiased=False)
+            with torch.no_grad():
+                self.running_mean.lerp_(mean.detach(), self.momentum)
+                unbiased = var.detach() * (n / max(n - 1, 1))
+                self.running_var.lerp_(unbiased, self.momentum)
+        else:
+            mean, var = self.running_mean, self.running_var
+        return (f - mean.unsqueeze(1)) * torch.rsqrt(var.unsqueeze(1) + self.eps)
+
+
+class GridHead(nn.Module):
+    """G heads of one kind: pooling (:meth:`pool`, parameters from :meth:`build`) → BatchNorm1d(affine=False)
+    → Linear, the MAE linear-probe classifier (``use_norm = False`` drops the norm, as CAPI's head does)."""
+
+    kind = "base"
+    features: tuple[str, ...] | None = None  # pooled features read instead of tokens (see module doc)
+    needs_cls = False
+    use_norm = True
+    paper = ""  # where the definition comes from (README's head table)
+    # option name → (default, allowed values, or a type to convert strings with)
+    OPTIONS: dict[str, tuple] = {}
+
+    def __init__(self, dim: int, num_classes: int, num_blocks: int = 1, num_prefix: int = 1, members: int = 1,
+                 seed: int = 0, grid: tuple[int, int] | list[int] | None = None, **options):
+        super().__init__()
+        self.dim, self.num_classes, self.num_blocks = dim, num_classes, num_blocks
+        self.num_prefix, self.members, self.seed = num_prefix, members, seed
+        self.grid = None if grid is None else tuple(int(g) for g in grid)  # the patch-token grid (h, w)
+        self.options = self.resolve_options(options)
+        self.gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(self.kind.encode()))
+        self.build()
+        feats = self.feature_dim()
+        self.norm = GridBatchNorm(1 if self.features else members, feats) if self.use_norm else None
+        self.weight = self._param(self._trunc((feats, num_classes), 0.01 if self.use_norm else 0.02))
+        self.bias = self._param(torch.zeros(num_classes))
+        del self.gen
+
+    @classmethod
+    def resolve_options(cls, given: dict, spec: str | None = None) -> dict:
+        """Defaults overlaid with ``given`` (strings converted), every value checked."""
+        out = {k: v[0] for k, v in cls.OPTIONS.items()}
+        for key, value in given.items():
+            if key not in cls.OPTIONS:
+                known = ", ".join(cls.OPTIONS) or "none"
+                raise UserError(f"--head {spec or cls.kind}: unknown option {key!r} (options: {known})")
+            allowed = cls.OPTIONS[key][1]
+            convert = allowed if isinstance(allowed, type) else type(allowed[0])
+            try:
+                v = convert(value)
+            except ValueError:
+                raise UserError(f"--head {spec or cls.kind}: {key}={value!r} is not a {convert.__name__}") from None
+            if not isinstance(allowed, type) and v not in allowed:
+                raise UserError(f"--head {spec or cls.kind}: {key}={value!r}; choose from "
+                                f"{', '.join(map(str, allowed))}")
+            out[key] = v
+        return out
+
+    # --- helpers to create stacked parameters with one shared initialization -------------------------
+    def _param(self, one: torch.Tensor) -> nn.Parameter:
+        return nn.Parameter(one.unsqueeze(0).repeat(self.members, *([1] * one.dim())).contiguous())
+
+    def _trunc(self, shape, std: float) -> torch.Tensor:
+        t = torch.empty(shape)
+        with torch.no_grad():
+            t.normal_(0, std, generator=self.gen).clamp_(-2 * std, 2 * std)
+        return t
+
+    def _uniform(self, shape, fan_in: int) -> torch.Tensor:
+        bound = 1 / math.sqrt(fan_in)  # nn.Linear's default init
+        return torch.empty(shape).uniform_(-bound, bound, generator=self.gen)
+
+    def _linear(self, fan_in: int, fan_out: int, bias: bool = True) -> tuple[nn.Parameter, nn.Parameter | None]:
+        """Per member and block, nn.Linear(fan_in, fan_out) as (G, L, fan_in, fan_out) and (G, L, fan_out)."""
+        L = self.num_blocks
+        w = self._param(self._uniform((L, fan_in, fan_out), fan_in))
+        b = self._param(self._uniform((L, fan_out), fan_in)) if bias else None
+        return w, b
+
+    # --- the head ------------------------------------------------------------------------------------
+    def build(self) -> None:
+        """Create the pooling parameters (stacked on the member axis)."""
+
+    def feature_dim(self) -> int:
+        return self.dim * self.num_blocks * (len(self.features) if self.features else 1)
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """The tokens a pooling attends over: patch tokens, or every token with ``content=all``."""
+        return x if self.options.get("content") == "all" else x[:, :, self.num_prefix:]
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, L, T, D) → (G, B, F); for feature heads, features (B, L, K, D) → (1, B, F)."""
+        if self.features is not None:
+            return x.flatten(1).unsqueeze(0)
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens or features (see :meth:`pool`) → logits (G, B, C)."""
+        f = self.pool(x)
+        if self.norm is not None:
+            f = self.norm(f)
+        return torch.baddbmm(self.bias.unsqueeze(1), f.expand(self.members, -1, -1), self.weight)
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Weights over the pooled tokens (G, B, L, Q, N) for heads that have them (Q queries), else None."""
+        return None
+
+    def decay_flags(self) -> list[bool]:
+        """Weight decay for weights, not for biases (parameters named ``*bias``), as CAPI / MAE do."""
+        return [not name.endswith("bias") for name, _ in self.named_parameters()]
+
+    def num_parameters(self) -> int:
+        """Trainable parameters of one member."""
+        return sum(p.numel() // self.members for p in self.parameters())
+
+    def config(self) -> dict:
+        return {"kind": self.kind, "dim": self.dim, "num_classes": self.num_classes, "num_blocks": self.num_blocks,
+                "num_prefix": self.num_prefix, "grid": self.grid, **self.options}
+
+    def select(self, g: int) -> "GridHead":
+        """A one-member head holding member ``g`` (parameters and norm statistics)."""
+        cfg = self.config()
+        one = create_head(cfg.pop("kind"), members=1, seed=self.seed, **cfg)
+        sd = {k: (v[g:g + 1] if v.dim() and v.shape[0] == self.members and self.members > 1 else v).clone()
+              for k, v in self.state_dict().items()}
+        one.load_state_dict(sd)
+        return one.train(self.training)

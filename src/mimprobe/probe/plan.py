@@ -1,0 +1,300 @@
+"""Everything a probe run will do, resolved and validated before a single token is read.
+
+:func:`make_plan` opens the stores, checks that they belong together, resolves the heads (specs, options, the
+blocks they read, how each one trains), the grids, the rows of every seed (subset, training and validation
+rows) and what has to be pooled once; :mod:`.run` then executes the plan and trusts it, as scikit-learn
+validates at the boundary.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from mimprobe.cache_store.store import TokenStore, check_compatible
+from mimprobe.distributed import DistContext, init_distributed, resolve_device
+from mimprobe.errors import UserError
+from mimprobe.probe import pooling, subsets
+from mimprobe.probe.feed import fits_in_memory
+from mimprobe.probe.heads import HEADS, parse_spec, spec_key
+from mimprobe.probe.trainer import TrainConfig
+
+log = logging.getLogger("mimprobe")
+
+DEFAULT_HEADS = ["linear-cls", "linear-mean", "abmilp"]
+OPTIMIZERS = ("auto", "adamw", "lars", "lbfgs")
+DEFAULT_LRS = {"adamw": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2], "lars": [0.1]}
+DEFAULT_WDS = {"adamw": [5e-4, 5e-2], "lars": [0.0]}
+DEFAULT_L2 = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0]
+# the single (lr, wd) / l2 used with --val-fraction 0 and no --lr / --wd / --l2 (docs/protocol.md)
+DEFAULT_POINT = {"adamw": (1e-3, 5e-2), "lars": (0.1, 0.0), "lbfgs": 1e-3}
+MIN_STEPS = 1000  # docs/protocol.md: the floor measured to make small sets train as long as large ones
+VAL_CAP = 10_000  # validation rows drawn outside a subset, at most
+
+
+@dataclass
+class ProbeOptions:
+    heads: list[str] = field(default_factory=list)
+    lrs: list[float] = field(default_factory=list)
+    wds: list[float] = field(default_factory=list)
+    l2: list[float] = field(default_factory=list)
+    epochs: int = 10
+    min_steps: int = MIN_STEPS
+    batch_size: int = 256
+    optimizer: str = "auto"
+    warmup_epochs: float | None = None
+    seeds: list[int] = field(default_factory=lambda: [0])
+    val_fraction: float = 0.1
+    val_from: str = "outside"
+    val_max: int = VAL_CAP
+    shots: int | None = None
+    fraction: float | None = None
+    subset: str | None = None
+    final_norm: bool = False
+    layers: list[int] = field(default_factory=list)
+    in_memory: bool | None = None
+    device: str = "auto"
+    workers: int = 0
+    allow_incomplete: bool = False
+    out: str | None = None
+    save_heads: str | None = None
+    quiet: bool = False
+
+
+@dataclass(frozen=True)
+class HeadPlan:
+    key: str  # the name in results: spec (+ "@blocks" for multi-block heads)
+    kind: str
+    options: dict
+    positions: tuple[int, ...]  # along the batch's block axis
+    trainer: str  # "sgd" (adamw / lars, one pass for all) or "lbfgs" (full batch, on pooled features)
+
+    @property
+    def features(self) -> tuple[str, ...] | None:
+        return HEADS[self.kind].features
+
+
+@dataclass(frozen=True)
+class Split:
+    """The rows of one seed: the subset, what trains, what chooses (lr, wd)."""
+
+    seed: int
+    subset: subsets.Subset
+    train_rows: np.ndarray
+    val_rows: np.ndarray
+    val_source: str
+
+
+@dataclass
+class ProbePlan:
+    opts: ProbeOptions
+    train: TokenStore
+    eval: TokenStore
+    device: torch.device
+    ctx: DistContext
+    heads: tuple[HeadPlan, ...]
+    arrays: list[str]  # store arrays a token batch carries (one per block)
+    blocks: list[int]  # their absolute block indices
+    num_classes: int
+    has_cls: bool
+    norm: dict | None
+    sgd: TrainConfig | None  # the grid and schedule of the "sgd" heads
+    l2: list[float]  # the L2 grid of the "lbfgs" heads
+    features: tuple[str, ...]  # pooled features computed once (K axis), empty when nothing is pooled once
+    sgd_on_pooled: bool  # every SGD head reads pooled features: they train on those instead of tokens
+    eval_rows: np.ndarray
+    usable_rows: np.ndarray
+    splits: tuple[Split, ...]
+
+    def by_trainer(self, trainer: str) -> list[HeadPlan]:
+        return [h for h in self.heads if h.trainer == trainer]
+
+    @property
+    def grid(self) -> tuple[int, int] | None:
+        g = self.train.attrs["model"].get("grid_size")
+        return tuple(g) if g else None
+
+    def close(self) -> None:
+        self.train.close()
+        self.eval.close()
+
+
+def _validate(opts: ProbeOptions) -> None:
+    if opts.optimizer not in OPTIMIZERS:
+        raise UserError(f"--optimizer {opts.optimizer}: choose one of {', '.join(OPTIMIZERS)}")
+    if opts.epochs <= 0 or opts.batch_size <= 0 or opts.min_steps < 0:
+        raise UserError("--epochs and --batch-size must be positive, --min-steps non-negative")
+    if sum(x is not None for x in (opts.shots, opts.fraction, opts.subset)) > 1:
+        raise UserError("--shots, --fraction and --subset are alternatives: give one")
+    if not opts.seeds:
+        raise UserError("--seeds: give at least one seed")
+    if any(lr <= 0 for lr in opts.lrs) or any(wd < 0 for wd in opts.wds) or any(c <= 0 for c in opts.l2):
+        raise UserError("--lr and --l2 values must be positive, --wd values non-negative")
+    if opts.optimizer == "lbfgs" and len(opts.lrs) > 1:
+        raise UserError("--lr: --optimizer lbfgs has no learning rate (its fits do not depend on one); give the L2 "
+                        "grid with --l2")
+    subsets.check_fraction(opts.val_fraction)
+    if opts.val_from not in subsets.VAL_FROM:
+        raise UserError(f"--val-from {opts.val_from}: choose outside or subset")
+
+
+def _resolve_heads(opts: ProbeOptions, train: TokenStore, has_cls: bool) -> list[tuple[str, str, dict]]:
+    """(key, kind, options) per requested head; [cls] heads refused (or, for the defaults, dropped) without [cls]."""
+    specs = opts.heads or DEFAULT_HEADS
+    out = {}
+    for spec in specs:
+        kind, options = parse_spec(spec)
+        key = spec_key(kind, options)
+        needs_cls = HEADS[kind].needs_cls
+        if needs_cls and not has_cls:
+            if opts.heads:
+                m = train.attrs["model"]
+                raise UserError(f"--head {spec}: {train.path} has no [cls] token (model {m.get('name')} has "
+                                f"{train.num_prefix_tokens} prefix tokens, none of them [cls]); use a head that "
+                                "pools the patch tokens, e.g. linear-mean or abmilp")
+            continue
+        out.setdefault(key, (key, kind, options))
+    if not opts.heads and len(out) < len(specs):
+        log.info("%s has no [cls] token: probing %s", train.path, ", ".join(out))
+    return list(out.values())
+
+
+def _blocks(layers: list[int], train: TokenStore) -> tuple[list[str], list[int], int, str]:
+    """(arrays, absolute blocks, position of the last block, label of the multi-block heads)."""
+    last = train.last_block
+    if not layers:
+        return ["tokens"], [last], 0, ""
+    nb = last + 1
+    for k in layers:
+        if not -nb <= k < nb:
+            raise UserError(f"--layers {k}: the model has {nb} blocks")
+    blocks = sorted({k % nb for k in layers} | {last})
+    return [train.block_array(b) for b in blocks], blocks, blocks.index(last), ",".join(str(b - nb) for b in blocks)
+
+
+def _trainer(kind: str, opts: ProbeOptions, lbfgs_ok: bool) -> str:
+    linear = HEADS[kind].features is not None
+    if opts.optimizer == "lbfgs":
+        if not linear:
+            raise UserError(f"--optimizer lbfgs fits linear heads only (linear-cls, linear-mean, linear-clsmean), "
+                            f"not {kind}; use --optimizer auto, adamw or lars")
+        if not lbfgs_ok:
+            raise UserError("--optimizer lbfgs fits full batch in one process, on a store without --views, when the "
+                            "pooled features fit in memory; use adamw or lars here")
+        return "lbfgs"
+    return "lbfgs" if opts.optimizer == "auto" and linear and lbfgs_ok else "sgd"
+
+
+def _grids(opts: ProbeOptions, sgd_opt: str) -> tuple[list[float], list[float], list[float]]:
+    """(lrs, wds, l2): the user's grids, else the defaults, else (--val-fraction 0) the default point."""
+    explicit_lbfgs = opts.optimizer == "lbfgs"
+    lrs = opts.lrs or ([] if explicit_lbfgs else DEFAULT_LRS[sgd_opt])
+    wds = [] if explicit_lbfgs else (opts.wds or DEFAULT_WDS[sgd_opt])
+    l2 = opts.l2 or (opts.wds if explicit_lbfgs else []) or DEFAULT_L2
+    if opts.val_fraction == 0:
+        if len(lrs) > 1 and opts.lrs or len(wds) > 1 and opts.wds or len(l2) > 1 and (opts.l2 or explicit_lbfgs
+                                                                                       and opts.wds):
+            raise UserError("--val-fraction 0 leaves nothing to choose a grid point on: give a single --lr and --wd "
+                            "(and --l2), or none for the documented default point")
+        point = DEFAULT_POINT[sgd_opt]
+        lrs = lrs if opts.lrs else [point[0]]
+        wds = wds if opts.wds and not explicit_lbfgs else [point[1]]
+        l2 = l2 if opts.l2 or explicit_lbfgs and opts.wds else [DEFAULT_POINT["lbfgs"]]
+    return lrs, wds, l2
+
+
+def _subset(opts: ProbeOptions, store: TokenStore, rows: np.ndarray, seed: int) -> subsets.Subset:
+    labels = store.labels
+    if opts.shots is not None:
+        return subsets.Subset(subsets.shots(rows, labels, opts.shots, seed, store.path), "shots", opts.shots)
+    if opts.fraction is not None:
+        return subsets.Subset(subsets.fraction(rows, labels, opts.fraction, seed), "fraction", opts.fraction)
+    if opts.subset is not None:
+        r, missing = subsets.from_file(store, rows, opts.subset)
+        if missing:
+            log.warning("--subset %s: %d listed ids are not in %s", opts.subset, missing, store.path)
+        return subsets.Subset(r, "file", os.path.basename(opts.subset), file=os.path.abspath(opts.subset),
+                              missing=missing)
+    return subsets.Subset(rows, "all")
+
+
+def _rows(train: TokenStore, ev: TokenStore, opts: ProbeOptions, ctx: DistContext) -> tuple[np.ndarray, np.ndarray, int]:
+    """(usable train rows, usable eval rows, number of classes)."""
+    train_rows = subsets.usable_rows(train, opts.allow_incomplete)
+    if len(train_rows) == 0:
+        raise UserError(f"{train.path}: no valid labelled samples to train on")
+    n_unlabelled = int((train.labels[subsets.usable_rows(train, opts.allow_incomplete, labelled=False)] < 0).sum())
+    if n_unlabelled and ctx.is_main:
+        log.warning("%s: %d unlabelled samples are not used", train.path, n_unlabelled)
+    eval_rows = subsets.usable_rows(ev, opts.allow_incomplete)
+    if len(eval_rows) == 0:
+        raise UserError(f"{ev.path}: no valid labelled samples to evaluate on")
+    num_classes = len(train.class_names) or int(train.labels[train_rows].max()) + 1
+    if int(ev.labels[eval_rows].max()) >= num_classes:
+        raise UserError(f"{ev.path}: has labels the train store does not know (>= {num_classes} classes)")
+    return train_rows, eval_rows, num_classes
+
+
+def make_plan(train_path: str, eval_path: str, opts: ProbeOptions) -> ProbePlan:
+    _validate(opts)
+    device = resolve_device(opts.device)
+    ctx, device = init_distributed(device)
+    train = TokenStore.open(train_path)
+    ev = TokenStore.open(eval_path)
+    try:
+        return _plan(opts, train, ev, device, ctx)
+    except BaseException:
+        train.close()
+        ev.close()
+        raise
+
+
+def _plan(opts, train, ev, device, ctx) -> ProbePlan:
+    check_compatible(train, ev)
+    m = train.attrs["model"]
+    has_cls = bool(m.get("has_class_token", train.num_prefix_tokens > 0))
+    requested = _resolve_heads(opts, train, has_cls)
+    if opts.final_norm and train.final_norm() is None:
+        raise UserError(f"--final-norm: {train.path} holds no final-norm parameters (the model has none)")
+    arrays, blocks, pos_last, label = _blocks(opts.layers, train)
+    for b in blocks:
+        ev.block_array(b)
+    usable, eval_rows, num_classes = _rows(train, ev, opts, ctx)
+    if m.get("weights") == "random" and ctx.is_main:
+        log.warning("note: %s holds tokens of a RANDOM-INIT model (--no-pretrained); accuracies are not the "
+                    "model's published numbers", train.path)
+
+    views = train.num_views
+    feature_names = pooling.ordered(n for _, kind, _ in requested for n in HEADS[kind].features or ())
+    pooled_bytes = (len(usable) + len(eval_rows)) * len(blocks) * max(1, len(feature_names)) * train.dim * 4
+    lbfgs_ok = not ctx.active and views == 0 and fits_in_memory(pooled_bytes, torch.device("cpu"))
+    sgd_opt = "adamw" if opts.optimizer in ("auto", "lbfgs") else opts.optimizer
+    heads = []
+    for key, kind, options in requested:
+        trainer = _trainer(kind, opts, lbfgs_ok)
+        heads.append(HeadPlan(key, kind, options, (pos_last,), trainer))
+        if label:
+            heads.append(HeadPlan(f"{key}@{label}", kind, options, tuple(range(len(blocks))), trainer))
+    lrs, wds, l2 = _grids(opts, sgd_opt)
+    sgd_heads = [h for h in heads if h.trainer == "sgd"]
+    sgd_on_pooled = bool(sgd_heads) and views == 0 and all(h.features is not None for h in sgd_heads)
+    pooled_once = sgd_on_pooled or any(h.trainer == "lbfgs" for h in heads)
+    sgd = TrainConfig(lrs=tuple(lrs), wds=tuple(wds), epochs=opts.epochs, batch_size=opts.batch_size,
+                      optimizer=sgd_opt, warmup_epochs=opts.warmup_epochs, min_steps=opts.min_steps,
+                      quiet=opts.quiet) if sgd_heads else None
+
+    splits = []
+    for seed in opts.seeds:
+        sub = _subset(opts, train, usable, seed)
+        tr, va, source = subsets.validation(usable, train.labels, sub, opts.val_fraction, seed, opts.val_from,
+                                            cap=opts.val_max)
+        splits.append(Split(seed, sub, tr, va, source))
+    return ProbePlan(opts=opts, train=train, eval=ev, device=device, ctx=ctx, heads=tuple(heads), arrays=arrays,
+                     blocks=blocks, num_classes=num_classes, has_cls=has_cls,
+                     norm=train.final_norm() if opts.final_norm else None, sgd=sgd, l2=l2,
+                     features=feature_names if pooled_once else (), sgd_on_pooled=sgd_on_pooled,
+                     eval_rows=eval_rows, usable_rows=usable, splits=tuple(splits))

@@ -1,0 +1,100 @@
+"""One result record per (head, seed): what trained on which rows, how (lr, wd) was chosen and where the choice
+sits in its grid, the metrics, timings and versions (one JSON object per line in ``--out``)."""
+
+from __future__ import annotations
+
+from mimprobe.probe import subsets
+from mimprobe.probe.lbfgs import MAX_ITER, TOL
+from mimprobe.probe.plan import HeadPlan, ProbePlan, Split
+from mimprobe.probe.results import model_ref, now, store_ref, versions
+
+
+def grid_edges(points: list[dict], chosen: int) -> list[str]:
+    """Axes of the grid (lr, wd, l2) on which the chosen point is the smallest or largest of several values."""
+    out = []
+    for axis in points[chosen]:
+        values = sorted({p[axis] for p in points})
+        if len(values) > 1:
+            v = points[chosen][axis]
+            if v == values[0]:
+                out.append(f"{axis}=min")
+            elif v == values[-1]:
+                out.append(f"{axis}=max")
+    return out
+
+
+def ties(val_top1: list[float] | None, chosen: int) -> int:
+    """How many members share the chosen member's validation top-1 (1 = a clear choice; among equals the one with
+    the lowest validation cross-entropy is chosen)."""
+    if not val_top1:
+        return 0
+    return sum(1 for v in val_top1 if v == val_top1[chosen])
+
+
+def protocol(plan: ProbePlan, split: Split) -> dict:
+    o, views = plan.opts, plan.train.num_views
+    if len(split.val_rows):
+        sel = f"best val top-1 on {len(split.val_rows)} validation rows from {split.val_source} (per seed)"
+    else:
+        sel = "none: a single fixed grid point with --val-fraction 0"
+    return {
+        "tokens": "final-norm" if o.final_norm else "raw (before the final norm)",
+        "views": views,
+        "train_input": f"{views} cached augmented views (one per sample per epoch)" if views
+        else "cached center crop (single view, no augmentation)",
+        "blocks": plan.blocks,
+        "selection": sel,
+        "val_fraction": o.val_fraction,
+        "val_from": o.val_from,
+    }
+
+
+def training(plan: ProbePlan, head: HeadPlan, out) -> dict:
+    r = out.training
+    if head.trainer == "lbfgs":
+        return {"optimizer": "lbfgs", "iterations": r.steps, "max_iter": MAX_ITER, "tol": TOL,
+                "objective": "mean cross-entropy + l2/2 ||W||^2 on standardized features (l2 = 1/(C N))",
+                "grid": {"l2": list(plan.l2)}}
+    cfg = plan.sgd
+    return {"optimizer": cfg.optimizer, "epochs": cfg.epochs, "min_steps": cfg.min_steps, "steps": r.steps,
+            "epochs_run": round(r.epochs, 3), "batch_size": cfg.batch_size, "warmup_epochs": cfg.warmup(),
+            "schedule": "linear warmup, half-cosine to 0, per step",
+            "lr_rule": "lr × global batch / 256" if cfg.optimizer == "lars" else "lr as given",
+            "grid": {"lr": list(cfg.lrs), "wd": list(cfg.wds)}}
+
+
+def make_record(plan: ProbePlan, split: Split, head: HeadPlan, out) -> dict:
+    train = plan.train
+    val = out.val_top1
+    g = out.chosen
+    one = out.head.heads[head.key]
+    return {
+        "type": "mimprobe.probe",
+        "time": now(),
+        "head": head.key,
+        "head_kind": head.kind,
+        "head_options": dict(head.options),
+        "params": one.num_parameters(),
+        "seed": split.seed,
+        "model": model_ref(train),
+        "train_store": store_ref(train),
+        "eval_store": store_ref(plan.eval),
+        "protocol": protocol(plan, split),
+        "training": training(plan, head, out),
+        "subset": split.subset.describe(train),
+        "validation": {"source": split.val_source, "num_samples": int(len(split.val_rows)),
+                       "hash": subsets.ids_hash(train, split.val_rows) if len(split.val_rows) else None},
+        "num_train": int(len(split.train_rows)),
+        "num_val": int(len(split.val_rows)),
+        "num_eval": out.metrics["n"],
+        "chosen": dict(out.points[g], member=g, edges=grid_edges(out.points, g), ties=ties(val, g)),
+        "grid": [dict(p, val_top1=val[i] if val else None) for i, p in enumerate(out.points)],
+        "metrics": {"val_top1": val[g] if val else None, "eval_top1": out.metrics["eval_top1"],
+                    "eval_top5": out.metrics["eval_top5"]},
+        "timings": dict(out.timings, steps=out.training.steps, pooled_once=head.trainer == "lbfgs"
+                        or plan.sgd_on_pooled, heads_trained_together=len(plan.by_trainer(head.trainer)) * len(
+                            out.points)),
+        "device": plan.device.type,
+        "world_size": plan.ctx.world,
+        "versions": versions(),
+    }

@@ -10,37 +10,12 @@ import math
 import pytest
 import torch
 
-from tiny_timm import BY_NAME, TINIES, create
+from tiny_timm import BY_NAME, TINIES, create, hooked, last_block, store_inputs
 from mimprobe.cache_store import TokenStore
-from mimprobe.data import open_source
-from mimprobe.data.transforms import eval_transform
 from mimprobe.errors import UserError
 from mimprobe.extract import ExtractOptions, block_tokens, extract, load_backbone
 from mimprobe.probe import ProbeOptions, run_probe
 from mimprobe.probe.trainer import TokenNorm
-
-
-def last_block(model, tiny):
-    """The module whose output is the stored tokens: the last block (of the last stage)."""
-    return model.stages[-1].blocks[-1] if tiny.family == "convnext" else model.blocks[-1]
-
-
-def hooked(model, module, x):
-    """``module``'s output during timm's ``forward_features(x)``, as (B, T, D) (feature maps flattened)."""
-    seen = {}
-    h = module.register_forward_hook(lambda _m, _i, out: seen.__setitem__("out", out))
-    with torch.no_grad():
-        feats = model.forward_features(x)
-    h.remove()
-    out = seen["out"]
-    return (out.flatten(2).transpose(1, 2) if out.dim() == 4 else out), feats
-
-
-def store_inputs(store: TokenStore, image_folder) -> torch.Tensor:
-    source = open_source(image_folder)
-    tf = eval_transform(store.attrs["preprocessing"])
-    index = {sid: i for i, sid in enumerate(source.ids)}
-    return torch.stack([tf(source.load(index[sid])) for sid in store.sample_ids])
 
 
 @pytest.mark.parametrize("name", [t.name for t in TINIES])

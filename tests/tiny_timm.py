@@ -11,6 +11,9 @@ import timm
 import torch
 from timm.models import register_model
 
+from mimprobe.cache_store import TokenStore
+from mimprobe.data import open_source
+from mimprobe.data.transforms import eval_transform
 from mimprobe.extract.backbone import RANDOM_INIT_SEED
 
 VIT = dict(depth=2, embed_dim=64, num_heads=2)
@@ -69,3 +72,26 @@ def create(name: str, seed: int = RANDOM_INIT_SEED) -> torch.nn.Module:
     torch.manual_seed(seed)
     kwargs = {} if t.family == "convnext" else {"img_size": t.img}  # convolutional: no img_size argument
     return timm.create_model(name, pretrained=False, num_classes=0, **kwargs).eval()
+
+
+def last_block(model, tiny):
+    """The module whose output is the stored tokens: the last block (of the last stage)."""
+    return model.stages[-1].blocks[-1] if tiny.family == "convnext" else model.blocks[-1]
+
+
+def hooked(model, module, x):
+    """``module``'s output during timm's ``forward_features(x)``, as (B, T, D) (feature maps flattened)."""
+    seen = {}
+    h = module.register_forward_hook(lambda _m, _i, out: seen.__setitem__("out", out))
+    with torch.no_grad():
+        feats = model.forward_features(x)
+    h.remove()
+    out = seen["out"]
+    return (out.flatten(2).transpose(1, 2) if out.dim() == 4 else out), feats
+
+
+def store_inputs(store: TokenStore, image_folder) -> torch.Tensor:
+    source = open_source(image_folder)
+    tf = eval_transform(store.attrs["preprocessing"])
+    index = {sid: i for i, sid in enumerate(source.ids)}
+    return torch.stack([tf(source.load(index[sid])) for sid in store.sample_ids])

@@ -87,21 +87,26 @@ def read_checkpoint(path: str):
     except UserError:
         raise
     except pickle.UnpicklingError as e:
+        blocking = _blocking_globals(path)
+        if blocking:
+            raise UserError(f"--checkpoint {path}: it pickles {', '.join(blocking[:2])} beside the weights, which "
+                            "torch.load(weights_only=True) does not rebuild; if you trust the file, save its weights "
+                            "dict alone once, e.g. torch.save(torch.load(PATH, weights_only=False)['model'], "
+                            "'weights.pth')") from None
         raise UserError(f"--checkpoint {path}: cannot be loaded with torch.load(weights_only=True) "
-                        f"({_blocking_global(path) or _first_line(e)}): corrupt, or a pickle holding code; re-save "
-                        "its state_dict as .safetensors or .pth") from None
+                        f"({_first_line(e)}): corrupt, or a pickle holding code; re-save its state_dict as "
+                        ".safetensors or .pth") from None
     except Exception as e:  # corrupt or truncated files raise many different types
         raise UserError(f"--checkpoint {path}: unreadable ({type(e).__name__}: {_first_line(e)})") from None
 
 
-def _blocking_global(path: str) -> str | None:
-    """``pickles a yacs.config.CfgNode`` when a class outside the weights-only allowlist blocks loading."""
+def _blocking_globals(path: str) -> list[str]:
+    """The pickled classes outside the weights-only allowlist (training configs) that stop ``path`` loading."""
+    allowed = {f"{c.__module__}.{c.__qualname__}" for c in SAFE_GLOBALS}
     try:
-        names = [n for n in torch.serialization.get_unsafe_globals_in_checkpoint(path)
-                 if n not in {f"{c.__module__}.{c.__qualname__}" for c in SAFE_GLOBALS}]
+        return [n for n in torch.serialization.get_unsafe_globals_in_checkpoint(path) if n not in allowed]
     except Exception:
-        return None
-    return f"it pickles {', '.join(names[:2])} beside the weights" if names else None
+        return []
 
 
 # --- finding the encoder's tensors ------------------------------------------------------------------------------
@@ -212,7 +217,7 @@ class LoadReport:
     def line(self, path: str, model_name: str) -> str:
         where = " > ".join(self.source) if self.source else "top level"
         groups = Counter(k.split(".")[0] for k in self.ignored)
-        ignored = ", ".join(f"{g}.* ({n})" for g, n in groups.most_common(4))
+        ignored = ", ".join(f"{g}.* ×{n}" if n > 1 else g for g, n in groups.most_common(4))
         absent = sorted({k.rsplit(".", 1)[0] for k in self.absent})
         return (f"--checkpoint {os.path.basename(path)}: {where}; loaded {self.loaded} tensors into {model_name}; "
                 f"ignored {len(self.ignored)}{' (' + ignored + ')' if ignored else ''}"

@@ -42,6 +42,7 @@ IDENTITY_KEYS = (
     "model.name",
     "model.weights",
     "model.checkpoint_sha256",
+    "model.checkpoint_key",  # one file can hold several encoders (teacher / student)
     "model.init_seed",
     "model.img_size",
     "model.num_prefix_tokens",

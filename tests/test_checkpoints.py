@@ -179,6 +179,8 @@ def test_extract_reports_and_records_the_checkpoint(tmp_path, image_folder, cli)
     with TokenStore.open(store) as s:
         m = s.attrs["model"]
         assert m["weights"] == "checkpoint" and m["checkpoint_source"] == ["teacher", "prefix backbone."]
+    code, out, _ = cli("info", store)
+    assert code == 0 and "encoder at teacher > prefix backbone." in out
     # the same file's other encoder is another model: the store is not continued with it
     code, _, err = cli("extract", "tiny_vit", image_folder, store, "--checkpoint", tmp_path / "checkpoint.pth",
                        "--checkpoint-key", "student", "--img-size", "32", "--limit", "4", "--quiet")

@@ -12,6 +12,7 @@ import torch
 
 from tiny_timm import BY_NAME, TINIES, create, hooked, last_block, store_inputs
 from mimprobe.cache_store import TokenStore
+from mimprobe.cache_store.info import describe
 from mimprobe.errors import UserError
 from mimprobe.extract import ExtractOptions, block_tokens, extract, load_backbone
 from mimprobe.probe import ProbeOptions, run_probe
@@ -51,6 +52,9 @@ def test_family_extracts_timm_tokens_and_probes(tmp_path, image_folder, name):
                 pooled = model.forward_head(feats, pre_logits=True)
             torch.testing.assert_close(norm(got[:, P:].mean(1)), pooled, rtol=1e-4, atol=1e-4)
 
+    with TokenStore.open(path) as s:
+        rows = dict(describe(s))
+    assert rows["token grid"].startswith(f"{t.grid[0]}x{t.grid[1]}, stride {t.img // t.grid[0]} px")
     heads = ["linear-mean", "abmilp"] + (["linear-cls"] if "cls" in t.prefix else [])
     records = run_probe(path, path, ProbeOptions(heads=heads, lrs=[1e-3], wds=[0.0], epochs=1, batch_size=8,
                                                  val_fraction=0, quiet=True))

@@ -40,6 +40,8 @@ def extract(
     data: str = typer.Argument(..., help="image folder, .csv (path,label), torchvision:NAME:ROOT[:SPLIT] or demo"),
     store: str = typer.Argument(..., help="output store: DIR.zarr (default format) or FILE.h5"),
     checkpoint: Optional[str] = typer.Option(None, help="local weights (.safetensors, or .pth/.pt state_dict)"),
+    checkpoint_key: Optional[str] = typer.Option(None, help="the checkpoint's sub-dict (a.b for nested) or key "
+                                                 "prefix holding the encoder, e.g. teacher (default: detected)"),
     pretrained: bool = typer.Option(True, help="hub weights for MODEL (ignored with --checkpoint)"),
     img_size: Optional[int] = typer.Option(None, help="create the model for this input size"),
     crop_pct: Optional[float] = typer.Option(None, help="override the model's eval crop_pct"),
@@ -62,8 +64,9 @@ def extract(
 
     _quiet(quiet)
     opts = ExtractOptions(
-        checkpoint=checkpoint, pretrained=pretrained, img_size=img_size, crop_pct=crop_pct, dtype=dtype,
-        format=format, batch_size=batch_size, workers=workers, device=device, limit=limit, seed=seed,
+        checkpoint=checkpoint, checkpoint_key=checkpoint_key, pretrained=pretrained, img_size=img_size,
+        crop_pct=crop_pct, dtype=dtype, format=format, batch_size=batch_size, workers=workers, device=device,
+        limit=limit, seed=seed,
         chunk_rows=chunk_rows, layers=_numbers(layers, "--layers"), views=views, skip_bad=skip_bad,
         overwrite=overwrite, quiet=quiet,
     )

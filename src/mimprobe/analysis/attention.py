@@ -186,6 +186,8 @@ def run_attention(model: str, data: str, *, checkpoint: str | None = None, pretr
         raise UserError(f"{data}: the dataset is empty")
     rows = sample_rows(len(source), limit, seed)
     bb = load_backbone(model, checkpoint=checkpoint, pretrained=pretrained, img_size=img_size, crop_pct=crop_pct)
+    if bb.family.no_attention:
+        raise UserError(f"MODEL {model}: {bb.family.no_attention}")
     bb.model.to(dev)
     workers = min(4, os.cpu_count() or 1) if workers is None else workers
     bar = tqdm(total=len(rows), unit="img", desc="attention", disable=True if quiet else None, dynamic_ncols=True)

@@ -46,7 +46,8 @@ def backbone_for_head(config: dict, checkpoint: str | None = None, head_dir: str
     elif checkpoint is not None and weights != "checkpoint":
         log.warning("%s: the head was trained on %s weights; using --checkpoint %s instead", head_dir, weights,
                     checkpoint)
-    bb = load_backbone(name, checkpoint=checkpoint, pretrained=weights == "pretrained",
+    bb = load_backbone(name, checkpoint=checkpoint, checkpoint_key=m.get("checkpoint_key") if checkpoint else None,
+                       pretrained=weights == "pretrained",
                        img_size=int(img[0]) if img else None,
                        crop_pct=(config.get("preprocessing") or {}).get("crop_pct"))
     want = m.get("checkpoint_sha256")

@@ -11,7 +11,9 @@ def weights_line(model: dict) -> str:
     if w == "pretrained":
         return f"pretrained ({model.get('hf_hub_id') or model.get('tag') or 'timm default'})"
     if w == "checkpoint":
-        return f"checkpoint {model.get('checkpoint')} (sha256 {str(model.get('checkpoint_sha256'))[:12]})"
+        src = model.get("checkpoint_source")
+        return (f"checkpoint {model.get('checkpoint')} (sha256 {str(model.get('checkpoint_sha256'))[:12]}"
+                + (f"; encoder at {' > '.join(src)}" if src else "") + ")")
     return "RANDOM INIT (--no-pretrained): not the model's real features"
 
 
@@ -30,11 +32,16 @@ def describe(store: TokenStore) -> list[tuple[str, str]]:
         ("samples (N)", str(store.num_samples)),
         ("tokens (T)", f"{store.num_tokens} = {m['num_prefix_tokens']} prefix + {m['num_patches']} patch"),
         ("prefix tokens", f"{m['num_prefix_tokens']} ({'[cls]' if m.get('has_class_token') else 'no [cls]'}"
-                          + (f" + {m['num_reg_tokens']} registers" if m.get("num_reg_tokens") else "") + ")"),
+                          + (f" + {m['num_reg_tokens']} registers" if m.get("num_reg_tokens") else "")
+                          + (f"; order {', '.join(m['prefix_tokens'])}" if m.get("prefix_tokens") else "") + ")"),
+        ("token grid", f"{m['grid_size'][0]}x{m['grid_size'][1]}, stride {m['patch_size'][0]} px"
+                       + (f" ({m['family']} family)" if m.get("family") else "")),
         ("dim (D)", str(store.dim)),
         ("dtype", a["dtype"] + (f" ({a['quantization']['scheme']})" if a.get("quantization") else "")),
         ("blocks", ", ".join(str(k) for k in store.layers) + " (tokens = last block, before the final norm)"),
         ("final norm", (f"{m['final_norm']['kind']} from model.{m['final_norm']['module']} (stored; --final-norm)"
+                        + (", which the model applies to the pooled vector"
+                           if m["final_norm"].get("applies_to") == "pooled" else "")
                         if m.get("final_norm") else "none")),
         ("views", str(store.num_views) if store.num_views else "center crop only"),
         ("preprocessing", f"{pp.get('input_size')} {pp.get('interpolation')} crop_pct={pp.get('crop_pct')} "

@@ -43,6 +43,7 @@ MODEL_KEYS = (
     "model.name",
     "model.weights",
     "model.checkpoint_sha256",
+    "model.checkpoint_key",  # one file can hold several encoders (teacher / student)
     "model.init_seed",
     "model.img_size",
     "model.embed_dim",

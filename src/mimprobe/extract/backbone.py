@@ -15,7 +15,8 @@ from torch import nn
 
 from mimprobe.data.transforms import DATA_CONFIG_KEYS
 from mimprobe.errors import UserError
-from mimprobe.extract.checkpoint import load_into, read_state_dict, sha256_file
+from mimprobe.extract.checkpoint import load_into, read_checkpoint, sha256_file
+from mimprobe.extract.families import Family, check_name, family_of
 
 log = logging.getLogger("mimprobe")
 
@@ -27,7 +28,8 @@ class Backbone:
     model: nn.Module
     info: dict  # the store's ``model`` attributes
     data_config: dict  # the store's ``preprocessing`` attributes
-    final_norm: dict | None  # kind, module, eps, weight, bias (tensors) of the final norm
+    final_norm: dict | None  # module, kind, eps, applies_to, weight, bias (tensors) of the final norm
+    family: Family | None = None  # how tokens come out of the model (extract/families.py)
 
     @property
     def num_blocks(self) -> int:
@@ -48,6 +50,7 @@ def _check_name(name: str) -> None:
         close = timm.list_models(f"*{base[:12]}*")[:4]
         hint = f" (similar: {', '.join(close)})" if close else " (see timm.list_models('*vit*'))"
         raise UserError(f"MODEL {name!r}: not a timm model name{hint}")
+    check_name(name)
 
 
 PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
@@ -73,11 +76,26 @@ def use_cache_only_when_hub_unreachable() -> bool:
         return True
 
 
-def _create(name: str, pretrained: bool, kwargs: dict) -> nn.Module:
+def _create(name: str, pretrained: bool, kwargs: dict, seed: int | None = None) -> nn.Module:
+    """``timm.create_model``; a model without an ``img_size`` argument (fully convolutional: ConvNeXt) is created
+    without it (the size then only sets the preprocessing). ``seed``: random init seeded with it."""
     if pretrained:
         use_cache_only_when_hub_unreachable()
+
+    def build(kw: dict) -> nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            return timm.create_model(name, pretrained=pretrained, **kw)
+
     try:
-        return timm.create_model(name, pretrained=pretrained, **kwargs)
+        try:
+            return build(kwargs)
+        except TypeError as e:
+            if "img_size" not in kwargs or "img_size" not in str(e):
+                raise
+            kwargs = {k: v for k, v in kwargs.items() if k != "img_size"}
+            return build(kwargs)
     except TypeError as e:
         raise UserError(f"MODEL {name}: cannot be created with {kwargs} ({e})") from None
     except RuntimeError as e:
@@ -94,44 +112,25 @@ def _create(name: str, pretrained: bool, kwargs: dict) -> nn.Module:
 
 
 def final_norm_of(model: nn.Module) -> dict | None:
-    """The norm timm applies after the last block: ``model.norm``, or ``model.fc_norm`` when ``norm`` is an
-    Identity (EVA02, avg-pool ViTs keep the LayerNorm there, applied after pooling)."""
-    for attr in ("norm", "fc_norm"):
-        m = getattr(model, attr, None)
-        if m is None or isinstance(m, nn.Identity):
-            continue
-        if isinstance(m, nn.LayerNorm):
-            kind = "layernorm"
-        elif "rmsnorm" in type(m).__name__.lower():
-            kind = "rmsnorm"
-        else:
-            log.warning("final norm %s (%s) is neither LayerNorm nor RMSNorm: --final-norm will be unavailable",
-                        attr, type(m).__name__)
-            return None
-        weight = getattr(m, "weight", None)
-        bias = getattr(m, "bias", None)
-        return {
-            "module": attr,
-            "kind": kind,
-            "eps": float(getattr(m, "eps", 1e-6)),
-            "weight": None if weight is None else weight.detach().float().cpu(),
-            "bias": None if bias is None else bias.detach().float().cpu(),
-        }
-    return None
+    """The norm timm applies after the last block, as its family places it (see extract/families.py)."""
+    return family_of(model).final_norm(model)
 
 
 def load_backbone(
     name: str,
     *,
     checkpoint: str | None = None,
+    checkpoint_key: str | None = None,
     pretrained: bool = True,
     img_size: int | None = None,
     crop_pct: float | None = None,
 ) -> Backbone:
-    """Build a timm ViT ``name`` in eval mode with its weights and preprocessing.
+    """Build timm model ``name`` (a supported family, see extract/families.py) in eval mode with its weights and
+    preprocessing.
 
-    Weights: ``checkpoint`` if given (the tag in ``name`` still chooses the preprocessing), else the hub's
-    pretrained weights if ``pretrained``, else random init (recorded as such).
+    Weights: ``checkpoint`` if given (``checkpoint_key``: its sub-dict or key prefix; the tag in ``name`` still
+    chooses the preprocessing), else the hub's pretrained weights if ``pretrained``, else random init (seeded,
+    recorded as such).
     """
     _check_name(name)
     kwargs = {"num_classes": 0}
@@ -139,49 +138,48 @@ def load_backbone(
         if img_size <= 0:
             raise UserError(f"--img-size {img_size}: must be positive")
         kwargs["img_size"] = img_size
+    if checkpoint_key is not None and checkpoint is None:
+        raise UserError("--checkpoint-key: give it with --checkpoint PATH")
+    report = None
     if checkpoint is not None:
         checkpoint = os.path.abspath(checkpoint)
-        sd = read_state_dict(checkpoint)
+        obj = read_checkpoint(checkpoint)
         model = _create(name, False, kwargs)
-        load_into(model, name, sd, checkpoint)
+        family = family_of(model, name)
+        report = load_into(model, name, obj, checkpoint, key=checkpoint_key, optional=family.after_tokens)
         weights = "checkpoint"
     elif pretrained:
         model = _create(name, True, kwargs)
+        family = family_of(model, name)
         weights = "pretrained"
     else:
         # random init is seeded, so stores extracted in separate runs (train, eval) share one network
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(RANDOM_INIT_SEED)
-            model = _create(name, False, kwargs)
+        model = _create(name, False, kwargs, seed=RANDOM_INIT_SEED)
+        family = family_of(model, name)
         weights = "random"
     model.eval()
-    if not (hasattr(model, "forward_intermediates") and hasattr(model, "blocks") and hasattr(model, "patch_embed")):
-        raise UserError(f"MODEL {name}: not a ViT-style timm model (needs blocks, patch_embed, forward_intermediates)")
 
-    pe = model.patch_embed
     cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
-    norm = final_norm_of(model)
-    attn = getattr(model.blocks[0], "attn", None)
+    layout = family.layout(model, None if img_size is None else [img_size, img_size])
+    norm = family.final_norm(model)
+    if norm is not None and report is not None and f"{norm['module']}.weight" in report.absent:
+        log.warning("--checkpoint %s: has no final norm (%s): the store keeps none, --final-norm will be "
+                    "unavailable", checkpoint, norm["module"])
+        norm = None
     info = {
         "name": name,
         "architecture": cfg.get("architecture", name.split(".")[0]),
         "tag": cfg.get("tag"),
+        "family": family.name,
         "weights": weights,
         "hf_hub_id": cfg.get("hf_hub_id") if weights == "pretrained" else None,
         "checkpoint": checkpoint,
         "checkpoint_sha256": sha256_file(checkpoint) if checkpoint else None,
+        "checkpoint_key": checkpoint_key,
+        "checkpoint_source": None if report is None else report.source,
         "init_seed": RANDOM_INIT_SEED if weights == "random" else None,
-        "embed_dim": int(model.embed_dim),
-        "num_blocks": len(model.blocks),
-        "num_heads": int(getattr(attn, "num_heads", 0)),
-        "patch_size": [int(x) for x in pe.patch_size],
-        "img_size": [int(x) for x in pe.img_size],
-        "grid_size": [int(x) for x in pe.grid_size],
-        "num_patches": int(pe.num_patches),
-        "num_prefix_tokens": int(getattr(model, "num_prefix_tokens", 0)),
-        "num_reg_tokens": int(getattr(model, "num_reg_tokens", 0)),
-        "has_class_token": getattr(model, "cls_token", None) is not None,
-        "final_norm": None if norm is None else {k: norm[k] for k in ("module", "kind", "eps")},
+        **layout,
+        "final_norm": None if norm is None else {k: norm[k] for k in ("module", "kind", "eps", "applies_to")},
         "tokens_are_normed": False,
         "timm_version": timm.__version__,
     }
@@ -192,16 +190,10 @@ def load_backbone(
         args["crop_pct"] = crop_pct
     dc = resolve_model_data_config(model, args=args)
     data_config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dc.items() if k in DATA_CONFIG_KEYS}
-    return Backbone(model=model, info=info, data_config=data_config, final_norm=norm)
+    return Backbone(model=model, info=info, data_config=data_config, final_norm=norm, family=family)
 
 
 def block_tokens(model: nn.Module, x: torch.Tensor, blocks: list[int]) -> list[torch.Tensor]:
-    """Outputs of ``blocks`` (absolute indices) as (B, T, D): prefix tokens then patch tokens, before any norm.
-
-    Uses timm's ``forward_intermediates(norm=False)``, i.e. exactly the residual stream after each block.
-    """
-    outs = model.forward_intermediates(
-        x, indices=list(blocks), norm=False, output_fmt="NLC", return_prefix_tokens=True,
-        intermediates_only=True, stop_early=True,
-    )
-    return [torch.cat([o[1], o[0]], dim=1) if isinstance(o, (tuple, list)) else o for o in outs]
+    """Outputs of ``blocks`` (absolute indices, ascending) as (B, T, D): prefix tokens then the others, before any
+    norm, exactly as timm's ``forward_intermediates(norm=False)`` gives them (see extract/families.py)."""
+    return family_of(model).tokens(model, x, list(blocks))

@@ -37,6 +37,7 @@ log = logging.getLogger("mimprobe")
 @dataclass
 class ExtractOptions:
     checkpoint: str | None = None
+    checkpoint_key: str | None = None  # sub-dict or key prefix of the checkpoint that holds the encoder
     pretrained: bool = True
     img_size: int | None = None
     crop_pct: float | None = None
@@ -79,12 +80,19 @@ class ExtractResult:
                 f"({self.images_per_second:.1f} img/s), {self.skipped} skipped")
 
 
-def resolve_layers(layers: list[int], num_blocks: int) -> list[int]:
-    """Python-style block indices → sorted absolute indices, always including the last block."""
+def resolve_layers(layers: list[int], num_blocks: int, allowed: range | None = None, model: str = "the model"
+                   ) -> list[int]:
+    """Python-style block indices → sorted absolute indices, always including the last block. ``allowed``: the
+    blocks whose tokens have the stored shape (a hierarchical model's last stage; default all)."""
+    allowed = range(num_blocks) if allowed is None else allowed
     out = {num_blocks - 1}
     for k in layers:
         if not -num_blocks <= k < num_blocks:
             raise UserError(f"--layers {k}: the model has {num_blocks} blocks (use 0..{num_blocks - 1} or negative)")
+        if k % num_blocks not in allowed:
+            a, b = allowed.start, allowed.stop - 1
+            raise UserError(f"--layers {k}: {model} is hierarchical; only its last stage's blocks ({a}..{b}, or "
+                            f"{a - num_blocks}..-1) have the stored tokens' grid and width")
         out.add(k % num_blocks)
     return sorted(out)
 
@@ -197,9 +205,9 @@ def extract(model: str, data: str, store_path: str, opts: ExtractOptions | None 
     if len(source) == 0:
         raise UserError(f"{data}: the dataset is empty")
     rows = _rows(len(source), opts.seed, opts.limit)
-    bb = load_backbone(model, checkpoint=opts.checkpoint, pretrained=opts.pretrained, img_size=opts.img_size,
-                       crop_pct=opts.crop_pct)
-    layers = resolve_layers(opts.layers, bb.num_blocks)
+    bb = load_backbone(model, checkpoint=opts.checkpoint, checkpoint_key=opts.checkpoint_key,
+                       pretrained=opts.pretrained, img_size=opts.img_size, crop_pct=opts.crop_pct)
+    layers = resolve_layers(opts.layers, bb.num_blocks, bb.family.layer_blocks(bb.model), model)
     if bb.info["weights"] == "random" and ctx.is_main:
         log.warning("%s: random weights (--no-pretrained): these tokens are not the model's published features",
                     model)

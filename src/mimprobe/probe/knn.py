@@ -38,6 +38,7 @@ DEFAULT_MEMORY = 2 << 30  # bytes
 SIM_BYTES = 6  # per similarity-block element: the float32 similarity + the tie fall-back's sort (≤ 2 B/element)
 TOPK_BYTES = 96  # per query row and neighbour: the running top-k (12 B) and the merge's temporaries
 MIN_BANK_BLOCK = 2048  # bank rows per block below which the query block shrinks instead
+RESERVE = 8 << 20  # fixed overheads outside the blocks (allocator, BLAS and thread-pool state: ~5 MB measured)
 
 
 def block_sizes(num_queries: int, bank_rows: int, k: int, memory_bytes: int, *, query_row_bytes: int,
@@ -45,14 +46,15 @@ def block_sizes(num_queries: int, bank_rows: int, k: int, memory_bytes: int, *, 
     """(query rows, bank rows) per block so that what :func:`topk_neighbours` allocates fits ``memory_bytes``::
 
         qb · (query_row_bytes + 96·k)   query block (float32 on the device + staging), running top-k, merge
-      + nb · bank_row_bytes             bank block (read buffer, float32 copy, its device copy)
+      + nb · bank_row_bytes             bank block (read buffer, float32 copy, device or BLAS-packed copy)
       + qb · nb · 6                     float32 similarity block + the tie fall-back's sort
-      ≤ memory_bytes
+      ≤ memory_bytes − min(8 MiB, memory_bytes / 8)   (fixed overheads: allocator, BLAS, thread pools)
 
     The query block takes what a quarter of the budget holds (all queries when they fit), the bank block the
     rest, but at least min(N, 2048) rows when one query row leaves room for that (then the query block
     shrinks); the query block then grows into what is left (e.g. when the whole bank fits in one block). The result itself (Q·k·12 bytes, on the host) and the
     bank's labels (N·8 bytes) are not in the budget. Budgets too small for one query row → UserError."""
+    memory_bytes -= min(RESERVE, memory_bytes // 8)
     qrow = query_row_bytes + TOPK_BYTES * k
     qb = max(1, min(num_queries, memory_bytes // 4 // qrow))
     nb = (memory_bytes - qb * qrow) // (qb * SIM_BYTES + bank_row_bytes)

@@ -66,13 +66,15 @@ class FeatureBank:
         return int(self.labels.max()) + 1 if self.labels is not None and self.labels.numel() else 0
 
     def row_bytes(self, device) -> int:
-        """Bytes per row that :meth:`read` holds: the float32 block (+ the raw read buffer when the file's
-        dtype is not float32, + the device copy when the source is not already there)."""
+        """Bytes per row of a block in use: the float32 block, + the raw read buffer when the file's dtype is
+        not float32, + the host staging copy when the source is elsewhere, + a second float32 copy: on CUDA the
+        device block, on the CPU the BLAS's packed copy of the matrix multiplied (measured with torch's MKL:
+        ~4·F bytes per bank row)."""
         dev, f = torch.device(device), self.dim
         if isinstance(self.source, torch.Tensor):
-            return 4 * f * (1 if self.source.device == dev else 2)
+            return 4 * f * (2 if self.source.device == dev else 3)
         raw = self._pread and self.source.dtype != np.float32
-        return 4 * f + (f * self.source.dtype.itemsize if raw else 0) + (4 * f if dev.type != "cpu" else 0)
+        return 8 * f + (f * self.source.dtype.itemsize if raw else 0)
 
     def read(self, start: int, stop: int, device) -> torch.Tensor:
         """Rows ``start:stop`` (positions) as L2-normalised float32 on ``device``. On the CPU the result lives

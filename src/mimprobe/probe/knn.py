@@ -52,9 +52,10 @@ def block_sizes(num_queries: int, bank_rows: int, k: int, memory_bytes: int, *, 
 
     The query block takes what a quarter of the budget holds (all queries when they fit), the bank block the
     rest, but at least min(N, 2048) rows when one query row leaves room for that (then the query block
-    shrinks); the query block then grows into what is left (e.g. when the whole bank fits in one block). The result itself (Q·k·12 bytes, on the host) and the
-    bank's labels (N·8 bytes) are not in the budget. Budgets too small for one query row → UserError."""
-    memory_bytes -= min(RESERVE, memory_bytes // 8)
+    shrinks); the query block then grows into what is left (e.g. when the whole bank fits in one block).
+    Not in the budget: the result (Q·k·12 bytes, on the host) and the bank's labels (N·8 bytes). A budget
+    too small for one query row → UserError."""
+    budget, memory_bytes = memory_bytes, memory_bytes - min(RESERVE, memory_bytes // 8)
     qrow = query_row_bytes + TOPK_BYTES * k
     qb = max(1, min(num_queries, memory_bytes // 4 // qrow))
     nb = (memory_bytes - qb * qrow) // (qb * SIM_BYTES + bank_row_bytes)
@@ -63,9 +64,9 @@ def block_sizes(num_queries: int, bank_rows: int, k: int, memory_bytes: int, *, 
     nb = min(nb, bank_rows)
     qb = min(num_queries, (memory_bytes - nb * bank_row_bytes) // (nb * SIM_BYTES + qrow))
     if qb < 1:
-        need = nb * bank_row_bytes + nb * SIM_BYTES + qrow
-        raise UserError(f"kNN memory budget of {memory_bytes} bytes is too small for a {bank_rows}-row bank of "
-                        f"this width: give at least {need} bytes (--memory)")
+        need = (nb * bank_row_bytes + nb * SIM_BYTES + qrow) * 8 // 7 + 1
+        raise UserError(f"kNN memory budget of {budget} bytes is too small for this bank ({bank_rows} rows): "
+                        f"give at least {need} bytes (--memory)")
     return int(qb), int(nb)
 
 

@@ -101,13 +101,15 @@ def test_blocked_equals_unblocked(bank_data, tmp_path, dtype):
               dict(query_block=7, bank_block=333),  # divide neither
               dict(query_block=97, bank_block=k),  # bank blocks of exactly k rows
               dict(query_block=5, bank_block=13),  # bank blocks smaller than k
-              dict(memory_bytes=30_000),  # budget-made blocks: both sides blocked, N not divided
+              dict(memory_bytes=30_000, queries=20),  # budget-made blocks: 1 query x ~120 bank rows
               dict(memory_bytes=300_000), dict(memory_bytes=2 << 20)]
     for name, bank in _banks(x, y, tmp_path):
         for kw in blocks:
-            s, i = topk_neighbours(q, bank, k, device="cpu", progress=False, **kw)
-            np.testing.assert_array_equal(i.numpy(), ref_i.numpy(), err_msg=f"{name} {kw}")
-            np.testing.assert_allclose(s.numpy(), ref_s.numpy(), rtol=0, atol=2e-6, err_msg=f"{name} {kw}")
+            nq = kw.get("queries", len(q))
+            s, i = topk_neighbours(q[:nq], bank, k, device="cpu", progress=False,
+                                   **{a: v for a, v in kw.items() if a != "queries"})
+            np.testing.assert_array_equal(i.numpy(), ref_i[:nq].numpy(), err_msg=f"{name} {kw}")
+            np.testing.assert_allclose(s.numpy(), ref_s[:nq].numpy(), rtol=0, atol=2e-6, err_msg=f"{name} {kw}")
             assert s.dtype == torch.float32 and i.dtype == torch.int64
             assert torch.all(s[:, 1:] <= s[:, :-1])
 

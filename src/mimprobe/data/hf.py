@@ -20,7 +20,6 @@ are fetched one row at a time from the memory-mapped arrow files, in the DataLoa
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import sys
@@ -29,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from mimprobe.data.images import load_image, to_rgb
+from mimprobe.data.images import decode_bytes, load_image
 from mimprobe.data.sources import ImageSource
 from mimprobe.errors import UserError
 
@@ -91,9 +90,7 @@ def decode_value(value, root: str) -> Image.Image:
     else:
         raise ValueError(f"empty or unsupported image cell ({type(value).__name__})")
     if data is not None:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            return to_rgb(img)
+        return decode_bytes(bytes(data))
     if path:
         return load_image(path if os.path.isabs(path) else os.path.join(root, path))
     raise ValueError("empty image cell (no bytes, no path)")

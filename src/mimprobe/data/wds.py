@@ -4,7 +4,8 @@
 does). A sample is the run of consecutive members sharing a ``__key__`` (webdataset's convention: the member
 name up to the first dot of its base name); its image is the member with extension jpg, jpeg, png or webp (or
 ``--image-column EXT``), its label the ``cls`` member (or ``--label-column EXT``), its id the ``__key__``
-(``SHARD/__key__`` when keys repeat across shards).
+(``SHARD/__key__`` when keys repeat across shards,
+SHARD relative to the shards' common folder).
 
 Why not webdataset's streaming pipeline: extraction reads rows in a seeded permutation of the whole dataset,
 torchrun ranks own interleaved chunks and a resumed run computes only the chunks not done, each in the very
@@ -22,7 +23,6 @@ image like any other (``--skip-bad`` records and skips it).
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from mimprobe.data.images import to_rgb
+from mimprobe.data.images import decode_bytes
 from mimprobe.data.sources import ImageSource
 from mimprobe.errors import UserError
 
@@ -191,9 +191,7 @@ class WdsSource(ImageSource):
             data = f.read(int(self.sizes[i]))
         if len(data) != int(self.sizes[i]):
             raise OSError("shard shorter than its index says: was it modified? (delete the index cache)")
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            return to_rgb(img)
+        return decode_bytes(data)
 
     def locate(self, i: int) -> str:
         i = int(i)
@@ -268,7 +266,9 @@ def wds_source(spec: str, image_key: str | None = None, label_key: str | None = 
     if len(set(keys)) == len(keys):
         ids = list(keys)
     else:
-        ids = [f"{os.path.basename(shards[s])}/{k}" for s, k in zip(shard_of, keys)]
+        top = os.path.commonpath([os.path.dirname(s) for s in shards])
+        names = [os.path.relpath(s, top) for s in shards]
+        ids = [f"{names[s]}/{k}" for s, k in zip(shard_of, keys)]
         if len(set(ids)) != len(ids):
             raise UserError(f"{spec}: the same __key__ appears twice inside one shard; samples must have unique keys")
     return WdsSource(

@@ -148,6 +148,16 @@ def test_hf_hub_id_from_local_cache_only(folder, tmp_path, monkeypatch):
         open_source("hf:someorg/absent:train")
 
 
+def test_hf_ids_from_image_file_names(folder, tmp_path):
+    rows, feats = hf_rows(folder)
+    for cell, sid in zip(rows["image"], rows.pop("id")):
+        cell["path"] = sid.replace("/", "_")  # unique file names, as ImageNet's are
+    del feats["id"]
+    datasets.Dataset.from_dict(rows, features=feats).save_to_disk(str(tmp_path / "named"))
+    src = open_source(f"hf:{tmp_path / 'named'}")
+    assert src.ids[:2] == ["a_img000.jpg", "a_img001.png"] and src.describe()["id_column"] == "image.path"
+
+
 def test_wds_shards(folder, reference, tiny_ckpt, tmp_path):
     pattern = write_shards(folder, str(tmp_path / "shards"), per_shard=5)
     src = open_source(f"wds:{pattern}")

@@ -13,8 +13,9 @@
 The image column is the one ``Image`` feature (or ``--image-column``), the label column the ``ClassLabel``
 feature, else a column named ``label``/``labels`` (or ``--label-column``); class names come from the
 ``ClassLabel`` (integer labels without names get ``"0".."K-1"``, string labels their sorted values). Sample ids
-are an ``__key__``/``id``/``image_id`` column when one holds unique values, else ``SPLIT/INDEX`` (the row index
-in the split: stable as long as the dataset files are). Only the label and id columns are read up front; images
+are an ``__key__``/``id``/``image_id`` column when one holds unique values, else the image files' names kept
+in the ``Image`` cells (when unique), else ``SPLIT/INDEX`` (the row index in the split: stable as long as the
+dataset files are). Only the label and id columns are read up front; images
 are fetched one row at a time from the memory-mapped arrow files, in the DataLoader workers.
 """
 
@@ -247,7 +248,10 @@ def _labels(ds, features, named: str | None, spec: str):
                     "strings (fix --label-column)")
 
 
-def _ids(ds, features, split: str) -> tuple[str | None, list[str]]:
+def _ids(ds, features, split: str, img_col: str) -> tuple[str | None, list[str]]:
+    """(where the ids come from, ids): an id column, else the image files' own names when the dataset kept
+    them (the ``path`` of an ``Image`` cell: e.g. ImageNet file names, which subset lists use), else SPLIT/INDEX.
+    Only unique, non-empty values qualify."""
     n = len(ds)
     for col in ID_COLUMNS:
         if col in features and _column_kind(features[col]) in ("str", "int"):
@@ -256,6 +260,14 @@ def _ids(ds, features, split: str) -> tuple[str | None, list[str]]:
             if None not in raw and len(set(ids)) == n:
                 return col, ids
             log.info("%s column %r is not a unique id: using %s/INDEX ids", split, col, split)
+    if _column_kind(features[img_col]) == "image":
+        import pyarrow as pa
+
+        col = ds.data.column(img_col)  # only the path child is touched, not the image bytes
+        if pa.types.is_struct(col.type) and col.type.get_field_index("path") >= 0:
+            paths = [p for chunk in col.chunks for p in chunk.field("path").to_pylist()]
+            if all(paths) and len(set(paths)) == n:
+                return f"{img_col}.path", paths
     return None, [f"{split}/{i}" for i in range(n)]
 
 
@@ -265,7 +277,7 @@ def hf_source(spec: str, image_column: str | None = None, label_column: str | No
     features = ds.features
     img_col = _pick_image_column(features, image_column, spec)
     lab_col, labels, class_names = _labels(ds, features, label_column, spec)
-    id_col, ids = _ids(ds, features, split)
+    id_col, ids = _ids(ds, features, split, img_col)
     view = ds.select_columns([img_col])
     if _column_kind(features[img_col]) == "image":
         from datasets import Image as ImageFeature

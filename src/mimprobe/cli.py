@@ -37,8 +37,11 @@ def _quiet(quiet: bool) -> None:
 @app.command()
 def extract(
     model: str = typer.Argument(..., help="timm model name, e.g. vit_base_patch16_224.mae"),
-    data: str = typer.Argument(..., help="image folder, .csv (path,label), torchvision:NAME:ROOT[:SPLIT] or demo"),
-    store: str = typer.Argument(..., help="output store: DIR.zarr (default format) or FILE.h5"),
+    data: str = typer.Argument(..., help="image folder, .csv (path,label), torchvision:NAME:ROOT[:SPLIT], "
+                               "hf:FOLDER|ORG/NAME[:SPLIT] (Hugging Face dataset on this machine), "
+                               "wds:SHARDS-{000..099}.tar (WebDataset) or demo"),
+    store: str = typer.Argument(..., help="output store: DIR.zarr (default format, also s3://BUCKET/DIR.zarr) or "
+                                "FILE.h5"),
     checkpoint: Optional[str] = typer.Option(None, help="local weights (.safetensors, or .pth/.pt state_dict)"),
     checkpoint_key: Optional[str] = typer.Option(None, help="the checkpoint's sub-dict (a.b for nested) or key "
                                                  "prefix holding the encoder, e.g. teacher (default: detected)"),
@@ -57,6 +60,10 @@ def extract(
     views: int = typer.Option(0, help="K augmented training views per image (RandomResizedCrop + flip)"),
     skip_bad: bool = typer.Option(False, help="mark undecodable images invalid and go on"),
     overwrite: bool = typer.Option(False, help="replace a store made with other settings"),
+    image_column: Optional[str] = typer.Option(None, help="hf: the image column / wds: the image key, e.g. jpg "
+                                               "(default: the Image feature / jpg, jpeg, png, webp)"),
+    label_column: Optional[str] = typer.Option(None, help="hf: the label column / wds: the label key (default: the "
+                                               "ClassLabel feature or 'label' / cls)"),
     quiet: bool = typer.Option(False, help="no progress bar or notes"),
 ):
     """Extract the last block's tokens (before the final norm) of every image into a resumable store."""
@@ -68,7 +75,7 @@ def extract(
         crop_pct=crop_pct, dtype=dtype, format=format, batch_size=batch_size, workers=workers, device=device,
         limit=limit, seed=seed,
         chunk_rows=chunk_rows, layers=_numbers(layers, "--layers"), views=views, skip_bad=skip_bad,
-        overwrite=overwrite, quiet=quiet,
+        overwrite=overwrite, quiet=quiet, image_column=image_column, label_column=label_column,
     )
     result = run(model, data, store, opts)
     if result.status != "rank done":

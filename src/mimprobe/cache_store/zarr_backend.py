@@ -4,6 +4,19 @@ Facts it respects (DESIGN.md, reference/storage.md): ``compressors=None`` (the v
 throughput for ~1.07x on fp16), ``write_empty_chunks=True`` (otherwise all-zero chunks are never written and
 "chunk exists" stops meaning "chunk was written"), strings as the v3 variable-length UTF-8 type, and stray
 ``*.partial`` files of a killed writer removed on resume.
+
+Every array carries zarr v3 ``dimension_names`` (:func:`dimension_names`) so that ``xarray.open_zarr(STORE)``
+opens a store as a Dataset (``sample_ids`` and ``labels`` as coordinates along ``sample``) and
+``dask.array.from_zarr(STORE + "/tokens")`` chunks along samples. Stores written before that have none and
+still open here: nothing in mimprobe reads the names.
+
+Object storage (``s3://``, through s3fs): every chunk is one object written by one PUT, which S3 makes visible
+whole or not at all; the ``done`` flag of a chunk is its own object, PUT only after the chunk's data objects
+returned. A writer killed at any point leaves complete chunk objects or none, so there is no ``*.partial``
+to clean and resume only trusts ``done``. Endpoint and credentials come from the environment as s3fs/botocore
+read them (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE``, ``AWS_ENDPOINT_URL`` or
+``AWS_ENDPOINT_URL_S3``, fsspec's ``FSSPEC_S3_ENDPOINT_URL``, ``AWS_MAX_ATTEMPTS``). A bucket that cannot be
+reached, or refuses us, is one clear :class:`~mimprobe.errors.UserError`.
 """
 
 from __future__ import annotations
@@ -20,6 +33,85 @@ from mimprobe.errors import UserError
 
 ARRAY_CONFIG = {"write_empty_chunks": True}
 
+EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure"}
+_PACKAGES = {"s3": "s3fs", "gcs": "gcsfs", "azure": "adlfs"}
+
+
+def dimension_names(name: str, ndim: int) -> tuple[str, ...] | None:
+    """The dimension names of array ``name`` of the store schema: one name per axis, the same name for the
+    same length everywhere (xarray needs that): ``sample`` (N rows), ``token`` (T), ``channel`` (D), ``group``
+    (D/32 int8 scale groups), ``chunk`` (the ``done`` map: one flag per token chunk)."""
+    base = name.rsplit("/", 1)[-1]
+    if name == "done":
+        dims: tuple[str, ...] = ("chunk",)
+    elif name == "scales" or base.endswith("_scales"):
+        dims = ("sample", "token", "group")
+    elif name.startswith("final_norm/"):
+        dims = ("channel",)
+    elif ndim == 1:
+        dims = ("sample",)
+    else:
+        dims = ("sample", "token", "channel")
+    return dims if len(dims) == ndim else None
+
+
+def _coordinates(name: str, ndim: int) -> dict | None:
+    """CF ``coordinates`` attribute: per-sample arrays of the root group name ``sample_ids``/``labels`` as their
+    coordinates, so xarray shows them as such (the two live in the root group, hence root arrays only)."""
+    if "/" in name or name in ("labels", "sample_ids", "done") or (dimension_names(name, ndim) or ("",))[0] != "sample":
+        return None
+    return {"coordinates": "sample_ids labels"}
+
+
+def storage_error(path: str, e: BaseException, writing: bool = False) -> UserError | None:
+    """A one-line :class:`UserError` for a failure of a remote store that the user can fix (unreachable
+    endpoint, missing bucket, refused credentials), else None (then it is a bug and keeps its traceback).
+    ``writing``: it happened while chunks were being written (they are kept: re-run to resume)."""
+    if not is_url(path) or path.startswith("file://"):
+        return None
+    kind = None
+    try:
+        import botocore.exceptions as bx
+
+        if isinstance(e, (bx.EndpointConnectionError, bx.ConnectTimeoutError, bx.ReadTimeoutError)):
+            kind = "cannot reach the endpoint"
+        elif isinstance(e, bx.NoCredentialsError):
+            kind = "no credentials"
+        elif isinstance(e, bx.BotoCoreError):
+            kind = "object store error"
+    except ImportError:
+        pass
+    if kind is None:
+        if isinstance(e, FileNotFoundError):
+            if "bucket" not in str(e).lower():
+                return None  # a missing object: the caller says what it means
+            kind = "no such bucket"
+        elif isinstance(e, PermissionError):
+            kind = "access refused"
+        elif isinstance(e, (ConnectionError, TimeoutError)):
+            kind = "cannot reach the endpoint"
+        elif isinstance(e, OSError):
+            kind = "object store error"
+    if kind is None:
+        return None
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    after = "; finished chunks are kept: re-run the same command to resume" if writing else ""
+    return UserError(f"{path}: {kind} ({msg}); check the bucket name, the endpoint (AWS_ENDPOINT_URL) and the "
+                     f"credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE){after}")
+
+
+def _remote(path: str, what):
+    """Run ``what()`` on a remote store; turn a user-fixable storage failure into one line."""
+    try:
+        return what()
+    except UserError:
+        raise
+    except Exception as e:
+        err = storage_error(path, e)
+        if err is None:
+            raise
+        raise err from None
+
 
 def _storage_options(path: str) -> dict | None:
     """fsspec options for a URL: the local filesystem must create chunk directories itself."""
@@ -33,12 +125,19 @@ def _fsspec(path: str):
     import fsspec
 
     try:
-        return fsspec.core.url_to_fs(path, **(_storage_options(path) or {}))
+        fs, p = fsspec.core.url_to_fs(path, **(_storage_options(path) or {}))
     except (ImportError, ValueError) as e:
         scheme = path.split("://", 1)[0]
+        if scheme in EXTRAS:
+            extra = EXTRAS[scheme]
+            raise UserError(f"{path}: {scheme}:// stores need {_PACKAGES[extra]}: pip install 'mimprobe[{extra}]'"
+                            if extra == "s3" else
+                            f"{path}: {scheme}:// stores need {_PACKAGES[extra]}: pip install {_PACKAGES[extra]}") from None
         raise UserError(
             f"{path}: no filesystem for '{scheme}://' ({e}); install its fsspec backend (e.g. s3fs, gcsfs)"
         ) from None
+    fs.invalidate_cache()  # fsspec caches instances and listings: another process may have written since
+    return fs, p
 
 
 def _chunk_file(root: str, chunks: tuple, c: int) -> str:
@@ -60,15 +159,15 @@ class ZarrBackend(Backend):
     def exists(path: str) -> bool:
         if is_url(path):
             fs, p = _fsspec(path)
-            return fs.exists(p.rstrip("/") + "/zarr.json")
+            return _remote(path, lambda: fs.exists(p.rstrip("/") + "/zarr.json"))
         return os.path.exists(os.path.join(path, "zarr.json"))
 
     @staticmethod
     def remove(path: str) -> None:
         if is_url(path):
             fs, p = _fsspec(path)
-            if fs.exists(p):
-                fs.rm(p, recursive=True)
+            if _remote(path, lambda: fs.exists(p)):
+                _remote(path, lambda: fs.rm(p, recursive=True))
         elif os.path.isdir(path):
             shutil.rmtree(path)
         elif os.path.exists(path):
@@ -80,8 +179,8 @@ class ZarrBackend(Backend):
             _fsspec(path)
         else:
             os.makedirs(path, exist_ok=True)
-        g = zarr.open_group(path, mode="w" if overwrite else "a", zarr_format=3,
-                            storage_options=_storage_options(path))
+        g = _remote(path, lambda: zarr.open_group(path, mode="w" if overwrite else "a", zarr_format=3,
+                                                  storage_options=_storage_options(path)))
         return cls(g, path)
 
     @classmethod
@@ -89,13 +188,15 @@ class ZarrBackend(Backend):
         if is_url(path):
             _fsspec(path)
         try:
-            g = zarr.open_group(path, mode=mode, zarr_format=3, storage_options=_storage_options(path))
+            g = _remote(path, lambda: zarr.open_group(path, mode=mode, zarr_format=3,
+                                                      storage_options=_storage_options(path)))
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeNotFoundError):
             raise UserError(f"{path}: not a mimprobe store (no zarr group there)") from None
         return cls(g, path)
 
     # --- arrays --------------------------------------------------------------------------------------
-    def create_array(self, name, shape, dtype, chunks):
+    def create_array(self, name, shape, dtype, chunks, dims: tuple[str, ...] | None = None):
+        """``dims``: dimension names (default: :func:`dimension_names` of ``name``)."""
         is_str = dtype is str
         self.group.create_array(
             name,
@@ -105,6 +206,8 @@ class ZarrBackend(Backend):
             compressors=None,
             fill_value="" if is_str else 0,
             config=ARRAY_CONFIG,
+            dimension_names=dims if dims is not None else dimension_names(name, len(shape)),
+            attributes=_coordinates(name, len(shape)),
             overwrite=True,
         )
 
@@ -184,7 +287,7 @@ class ZarrBackend(Backend):
     def clean_partial(self):
         local = self.path[len("file://"):] if self.path.startswith("file://") else self.path
         if is_url(local):
-            return 0  # object stores write whole objects; nothing partial is left behind
+            return 0  # an object store PUTs whole objects (see the module doc): nothing partial is left behind
         n = 0
         for root, _dirs, files in os.walk(local):
             for f in files:
@@ -196,5 +299,5 @@ class ZarrBackend(Backend):
     def size_on_disk(self):
         if is_url(self.path):
             fs, p = _fsspec(self.path)
-            return int(fs.du(p))
+            return int(_remote(self.path, lambda: fs.du(p)))
         return allocated_bytes(self.path)

@@ -33,3 +33,16 @@ def load_image(path: str) -> Image.Image:
     with Image.open(path) as img:
         img.load()
         return to_rgb(img)
+
+
+def decode_bytes(data: bytes) -> Image.Image:
+    """Fully decode an encoded image held in memory (a dataset cell, a tar member) as RGB."""
+    import io
+
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Image.UnidentifiedImageError:
+        raise Image.UnidentifiedImageError(f"not a recognised image format ({len(data)} bytes)") from None
+    with img:
+        img.load()
+        return to_rgb(img)

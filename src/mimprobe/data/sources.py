@@ -7,7 +7,14 @@ A DATA argument is one of
 * a ``.csv`` file with a ``path,label`` header; paths relative to the CSV's folder, labels strings or integers
   (empty = unknown);
 * ``torchvision:NAME:ROOT[:SPLIT]``: a torchvision dataset already present under ROOT (never downloaded);
-* ``demo[:SPLIT[:N[:SEED]]]``: the built-in procedural dataset (:mod:`mimprobe.data.demo`).
+* ``demo[:SPLIT[:N[:SEED]]]``: the built-in procedural dataset (:mod:`mimprobe.data.demo`);
+* ``hf:FOLDER[:SPLIT]`` or ``hf:ORG/NAME[:SPLIT]``: a Hugging Face dataset on this machine (``save_to_disk``
+  folder, parquet folder, or hub cache; never downloaded) (:mod:`mimprobe.data.hf`, extra ``mimprobe[hf]``);
+* ``wds:SHARDS``: WebDataset tar shards, brace patterns allowed, e.g. ``wds:/data/in1k-{000000..001023}.tar``
+  (:mod:`mimprobe.data.wds`, extra ``mimprobe[wds]``).
+
+``image_column`` / ``label_column`` name the image and label columns of an ``hf:`` dataset, or the image and
+label keys (extensions) of a ``wds:`` sample (default: detected; ``cls`` for WebDataset labels).
 """
 
 from __future__ import annotations
@@ -83,9 +90,19 @@ class _TorchvisionSource(ImageSource):
         return f"{self.root} (torchvision {self.extra['torchvision_name']} index {i})"
 
 
-def open_source(spec: str) -> ImageSource:
+def open_source(spec: str, image_column: str | None = None, label_column: str | None = None) -> ImageSource:
     """Parse a DATA argument (see the module doc) into an :class:`ImageSource`."""
     spec = str(spec)
+    if spec.startswith("hf:"):
+        from mimprobe.data.hf import hf_source
+
+        return hf_source(spec, image_column=image_column, label_column=label_column)
+    if spec.startswith("wds:"):
+        from mimprobe.data.wds import wds_source
+
+        return wds_source(spec, image_key=image_column, label_key=label_column)
+    if image_column is not None or label_column is not None:
+        raise UserError(f"{spec}: --image-column / --label-column apply to hf: and wds: sources only")
     if spec.startswith("torchvision:"):
         return _torchvision(spec)
     if spec == "demo" or spec.startswith("demo:"):
@@ -94,7 +111,7 @@ def open_source(spec: str) -> ImageSource:
         return demo_source(spec)
     if not os.path.exists(spec):
         raise UserError(f"{spec}: no such file or directory (DATA is an image folder, a .csv, "
-                        "torchvision:NAME:ROOT[:SPLIT] or demo)")
+                        "torchvision:NAME:ROOT[:SPLIT], hf:DATASET[:SPLIT], wds:SHARDS or demo)")
     if os.path.isdir(spec):
         return _image_folder(spec)
     if spec.lower().endswith(".csv"):

@@ -54,6 +54,8 @@ class ExtractOptions:
     skip_bad: bool = False
     overwrite: bool = False
     quiet: bool = False
+    image_column: str | None = None  # hf: column / wds: key of the image (default: detected)
+    label_column: str | None = None  # hf: column / wds: key of the label (default: ClassLabel / cls)
 
 
 @dataclass
@@ -201,7 +203,7 @@ def extract(model: str, data: str, store_path: str, opts: ExtractOptions | None 
         raise UserError(f"{store_path}: several processes cannot write one HDF5 file (pip's h5py has no MPI); "
                         "use a .zarr store for torchrun")
 
-    source = open_source(data)
+    source = open_source(data, image_column=opts.image_column, label_column=opts.label_column)
     if len(source) == 0:
         raise UserError(f"{data}: the dataset is empty")
     rows = _rows(len(source), opts.seed, opts.limit)

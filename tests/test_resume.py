@@ -1,4 +1,5 @@
-"""Crash safety: a SIGKILLed extraction, re-run, gives a store bitwise equal to an uninterrupted run."""
+"""Crash safety: an extraction killed (SIGKILL), interrupted (Ctrl-C) or failing mid-run, re-run, gives a store
+bitwise equal to an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -49,20 +50,32 @@ def _arrays(store: str) -> dict:
     return out
 
 
+def _same_stores(ref: str, got: str) -> None:
+    a, b = _arrays(ref), _arrays(got)
+    assert b["complete"] and b["done"].all()
+    for k in ("tokens", "labels", "valid", "done"):
+        assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
+    assert a["tokens"].tobytes() == b["tokens"].tobytes()
+    assert a["sample_ids"] == b["sample_ids"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("suffix,batch", [(".zarr", 4), (".h5", 24)])  # batch 24: 3 chunks per batch
-def test_sigkill_then_resume_is_bitwise_equal(tmp_path, many_images, tiny_ckpt, suffix, batch):
+@pytest.mark.parametrize("suffix,batch,sig", [(".zarr", 4, signal.SIGKILL), (".h5", 24, signal.SIGKILL),
+                                              (".zarr", 4, signal.SIGINT)])  # batch 24: 3 chunks per batch
+def test_killed_then_resume_is_bitwise_equal(tmp_path, many_images, tiny_ckpt, suffix, batch, sig):
     ref, crashed = str(tmp_path / f"ref{suffix}"), str(tmp_path / f"crash{suffix}")
     subprocess.run(_cmd(many_images, ref, tiny_ckpt, batch), check=True, capture_output=True)
 
     proc = subprocess.Popen(_cmd(many_images, crashed, tiny_ckpt, batch), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+                            stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while _done_count(crashed) < 4 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     assert proc.poll() is None, "extraction finished before it could be killed; make it slower"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    os.kill(proc.pid, sig)
+    _, err = proc.communicate()
+    if sig == signal.SIGINT:  # Ctrl-C: one line, exit 130, the writer finished what it had before the store closed
+        assert proc.returncode == 130 and "re-run the same command to resume" in err and "Traceback" not in err
     n_done = _done_count(crashed)
     s = TokenStore.open(crashed)
     assert not s.complete and 0 < n_done < s.num_chunks
@@ -70,15 +83,35 @@ def test_sigkill_then_resume_is_bitwise_equal(tmp_path, many_images, tiny_ckpt, 
 
     r = subprocess.run(_cmd(many_images, crashed, tiny_ckpt, batch), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    a, b = _arrays(ref), _arrays(crashed)
-    assert b["complete"] and b["done"].all()
-    for k in ("tokens", "labels", "valid", "done"):
-        assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
-    assert a["tokens"].tobytes() == b["tokens"].tobytes()
-    assert a["sample_ids"] == b["sample_ids"]
+    _same_stores(ref, crashed)
     if suffix == ".zarr":
         leftovers = [f for _, _, fs in os.walk(crashed) for f in fs if f.endswith(".partial")]
         assert leftovers == []
+
+
+def test_failure_mid_run_keeps_a_resumable_store(tmp_path, image_folder, tiny_ckpt, monkeypatch):
+    """An exception in the forward pass (here injected; out of memory in real life): the writer finishes the chunks
+    it was given before the store closes, and the same call afterwards completes it bitwise equal."""
+    import mimprobe.extract.runner as runner
+
+    opts = ExtractOptions(checkpoint=tiny_ckpt, img_size=32, chunk_rows=4, batch_size=4, workers=0, quiet=True)
+    ref, broken = str(tmp_path / "ref.zarr"), str(tmp_path / "broken.zarr")
+    extract(TINY, image_folder, ref, opts)
+    real, calls = runner.block_tokens, []
+
+    def failing(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("CUDA out of memory (injected)")
+        return real(*a, **k)
+
+    monkeypatch.setattr(runner, "block_tokens", failing)
+    with pytest.raises(RuntimeError, match="injected"):
+        extract(TINY, image_folder, broken, opts)
+    assert _done_count(broken) == 3
+    monkeypatch.setattr(runner, "block_tokens", real)
+    extract(TINY, image_folder, broken, opts)
+    _same_stores(ref, broken)
 
 
 def test_rerun_complete_store_does_nothing(tmp_path, image_folder, cli):

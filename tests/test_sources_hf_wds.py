@@ -271,6 +271,10 @@ def test_missing_extras_say_what_to_install(monkeypatch, tmp_path):
         open_source(f"wds:{tmp_path}/x.tar")
     with pytest.raises(UserError, match="apply to hf: and wds: sources only"):
         open_source(str(tmp_path), image_column="img")
+    import importlib
+
     monkeypatch.setitem(sys.modules, "s3fs", None)
+    registry = importlib.import_module("fsspec.registry")  # forget an s3fs loaded by an earlier test
+    monkeypatch.delitem(registry._registry, "s3", raising=False)
     with pytest.raises(UserError, match=r"s3:// stores need s3fs: pip install 'mimprobe\[s3\]'"):
         TokenStore.open("s3://bucket/store.zarr")

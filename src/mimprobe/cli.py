@@ -334,6 +334,7 @@ def main() -> None:
     except UserError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        typer.echo("interrupted: finished chunks are kept; re-run the same command to resume", err=True)
-        sys.exit(130)
+    except SystemExit as e:  # typer turns Ctrl-C into a silent exit 130
+        if e.code == 130 and isinstance(getattr(e.__context__, "__cause__", None), KeyboardInterrupt):
+            typer.echo("interrupted: finished chunks are kept; re-run the same command to resume", err=True)
+        raise

@@ -1,8 +1,10 @@
-"""The storage protocol a backend implements, and the choice of backend from a path.
+"""The storage protocol a backend implements (the registry of backends is :mod:`.formats`).
 
 A backend only knows arrays, strings and JSON attributes; the schema lives in :mod:`.store`. Arrays returned
 by :meth:`Backend.array` support numpy slicing for reading and writing (``a[i:j]``, ``a[i:j] = x``), which
-both ``zarr.Array`` and ``h5py.Dataset`` do natively.
+both ``zarr.Array`` and ``h5py.Dataset`` do natively. Each backend declares the facts the layers above need
+(as zarr-python's stores declare ``supports_writes``): its format name, the path suffixes it claims, and
+whether several processes may write one store.
 """
 
 from __future__ import annotations
@@ -14,27 +16,17 @@ from typing import Any
 
 import numpy as np
 
-from mimprobe.errors import UserError
-
-HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
-FORMATS = ("zarr", "hdf5")
-
 
 def is_url(path: str) -> bool:
     return "://" in str(path)
 
 
-def infer_format(path: str, fmt: str | None = None) -> str:
-    if fmt is not None:
-        if fmt not in FORMATS:
-            raise UserError(f"--format {fmt!r}: choose zarr or hdf5")
-        return fmt
-    return "hdf5" if str(path).lower().endswith(HDF5_SUFFIXES) else "zarr"
-
-
 class Backend(ABC):
     """One store container (a zarr group or an HDF5 file)."""
 
+    format: str = ""  # the name users give with --format
+    suffixes: tuple[str, ...] = ()  # paths ending so are this format (the first registered backend is the default)
+    single_writer = False  # True: only one process may ever write a store (no torchrun extraction)
     path: str
 
     @classmethod
@@ -70,6 +62,10 @@ class Backend(ABC):
     @abstractmethod
     def read_strings(self, name: str, start: int = 0, stop: int | None = None) -> list[str]: ...
 
+    def write_strings(self, name: str, values) -> None:
+        """Write a whole string array created with ``dtype=str``."""
+        self.array(name)[:] = np.asarray(values, dtype=str)
+
     @abstractmethod
     def get_attrs(self) -> dict: ...
 
@@ -95,16 +91,6 @@ class Backend(ABC):
 
     def close(self) -> None:
         pass
-
-
-def backend_class(fmt: str) -> type[Backend]:
-    if fmt == "zarr":
-        from mimprobe.cache_store.zarr_backend import ZarrBackend
-
-        return ZarrBackend
-    from mimprobe.cache_store.hdf5_backend import HDF5Backend
-
-    return HDF5Backend
 
 
 def map_file(path: str, dtype, shape, offset: int = 0) -> np.ndarray:

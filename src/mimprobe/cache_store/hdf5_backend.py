@@ -28,6 +28,9 @@ def _dcpl():
 
 
 class HDF5Backend(Backend):
+    format = "hdf5"
+    suffixes = (".h5", ".hdf5", ".hdf")
+    single_writer = True  # pip's h5py has no MPI: two writing processes silently lose data
     def __init__(self, f: h5py.File, path: str):
         self.f = f
         self.path = path
@@ -108,6 +111,9 @@ class HDF5Backend(Backend):
             return None
         dtype, chunks, offsets = layout
         return map_file(self.path, dtype, chunks, offset=int(offsets[c]))
+
+    def write_strings(self, name, values):
+        self.f[name][:] = np.asarray(values, dtype=object)
 
     def read_strings(self, name, start=0, stop=None):
         return as_str_list(self.f[name].asstr()[start:stop])

@@ -7,7 +7,9 @@ from functools import cached_property
 import numpy as np
 import torch
 
-from mimprobe.cache_store.backend import Backend, backend_class, infer_format
+from mimprobe.cache_store import quant
+from mimprobe.cache_store.backend import Backend
+from mimprobe.cache_store.formats import backend_class, infer_format
 from mimprobe.cache_store.schema import (
     INDEX_CHUNK_ROWS,
     MODEL_KEYS,
@@ -87,22 +89,20 @@ class TokenStore:
         bcls = backend_class(fmt)
         try:
             b = bcls.create(path, overwrite=overwrite)
-        except (PermissionError, OSError) as e:
-            if isinstance(e, UserError):
-                raise
+        except OSError as e:
             raise UserError(f"{path}: cannot create the store ({e.strerror or e}); choose a writable path") from None
         token_arrays = ["tokens"] + [f"blocks/{k}" for k in blocks] + [f"views/{v}" for v in range(views)]
         for name in token_arrays:
             b.create_array(name, (n, num_tokens, dim), codec.storage_dtype, (chunk_rows, num_tokens, dim))
             if codec.quantized:
-                g = -(-dim // 32)
+                g = quant.num_groups(dim)
                 b.create_array(scales_name(name), (n, num_tokens, g), np.float16, (chunk_rows, num_tokens, g))
         b.create_array("labels", (n,), np.int64, (min(n, INDEX_CHUNK_ROWS),))
         b.create_array("sample_ids", (n,), str, (min(n, INDEX_CHUNK_ROWS),))
         b.create_array("valid", (n,), np.bool_, (chunk_rows,))
         b.create_array("done", (n_chunks,), np.uint8, (1,))
         b.array("labels")[:] = np.asarray(labels, dtype=np.int64)
-        b.array("sample_ids")[:] = np.asarray(sample_ids, dtype=object if fmt == "hdf5" else str)
+        b.write_strings("sample_ids", sample_ids)
         if final_norm is not None:
             for key in ("weight", "bias"):
                 if final_norm.get(key) is not None:
@@ -124,8 +124,8 @@ class TokenStore:
             skipped=[],
         )
         if codec.quantized:
-            full["quantization"] = {"scheme": "symmetric int8, one float16 absmax scale per 32 channels per token",
-                                    "group": 32}
+            full["quantization"] = {"scheme": f"symmetric int8, one float16 absmax scale per {quant.GROUP} channels "
+                                              "per token", "group": quant.GROUP}
         b.set_attrs(full)
         b.flush()
         return cls(b, fmt, "r+")
@@ -243,9 +243,6 @@ class TokenStore:
     def chunk_bounds(self, c: int) -> tuple[int, int]:
         a = c * self.chunk_rows
         return a, min(a + self.chunk_rows, self.num_samples)
-
-    def chunks_of_rows(self, rows: np.ndarray) -> np.ndarray:
-        return np.unique(np.asarray(rows) // self.chunk_rows)
 
     def write_chunk(self, c: int, arrays: dict[str, torch.Tensor], valid: np.ndarray) -> None:
         """Write chunk ``c`` of every token array (float tensors, encoded here) and of ``valid``; flush."""

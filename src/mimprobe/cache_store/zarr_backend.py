@@ -149,6 +149,9 @@ RAW_CODECS = ({"name": "bytes", "configuration": {"endian": "little"}},)
 
 
 class ZarrBackend(Backend):
+    format = "zarr"
+    suffixes = (".zarr",)
+
     def __init__(self, group: zarr.Group, path: str):
         self.group = group
         self.path = path

@@ -22,7 +22,7 @@ from tqdm import tqdm
 import mimprobe
 from mimprobe.cache_store.schema import DTYPES, identity_diff
 from mimprobe.cache_store.store import TokenStore
-from mimprobe.cache_store.backend import infer_format
+from mimprobe.cache_store.formats import backend_class, infer_format
 from mimprobe.data.sources import open_source
 from mimprobe.distributed import all_gather_object, barrier, broadcast_object, init_distributed, resolve_device, run_on_main
 from mimprobe.errors import UserError
@@ -199,9 +199,9 @@ def extract(model: str, data: str, store_path: str, opts: ExtractOptions | None 
     fmt = infer_format(store_path, opts.format)
     device = resolve_device(opts.device)
     ctx, device = init_distributed(device)
-    if ctx.active and fmt == "hdf5":
-        raise UserError(f"{store_path}: several processes cannot write one HDF5 file (pip's h5py has no MPI); "
-                        "use a .zarr store for torchrun")
+    if ctx.active and backend_class(fmt).single_writer:
+        raise UserError(f"{store_path}: several processes cannot write one {fmt} store; use a .zarr store for "
+                        "torchrun")
 
     source = open_source(data, image_column=opts.image_column, label_column=opts.label_column)
     if len(source) == 0:
@@ -334,7 +334,13 @@ def extract_chunks(path: str, plan: ChunkPlan, bb: Backbone, dataset, opts: Extr
                 n_rows += b
                 bar.update(b)
         writer.close()
+    except BaseException:
+        # ordered shutdown (Ctrl-C, out of memory, a bad image): no new chunks; the writer finishes the chunks
+        # already queued, each flagged done after its data; only then the store closes. Resume = the same command.
+        writer.stop()
+        raise
     finally:
+        del batch_iter  # ends the decode workers
         bar.close()
         store.close()
     return n_rows, reasons

@@ -18,7 +18,7 @@ class ChunkWriter:
         self.store = store
         self.q: queue.Queue = queue.Queue(maxsize=max_pending)
         self.error: BaseException | None = None
-        self.written: list[int] = []
+        self.closed = False
         self.thread = threading.Thread(target=self._run, name="mimprobe-writer", daemon=True)
         self.thread.start()
 
@@ -34,7 +34,6 @@ class ChunkWriter:
                 arrays = {k: torch.cat(v) if isinstance(v, list) else v for k, v in arrays.items()}
                 self.store.write_chunk(c, arrays, valid)
                 self.store.mark_done(c)
-                self.written.append(c)
             except BaseException as e:  # re-raised in the main thread
                 self.error = e
 
@@ -45,9 +44,16 @@ class ChunkWriter:
 
     def close(self) -> None:
         """Wait until every queued chunk is written; raise the writer's error if it had one."""
-        self.q.put(None)
-        self.thread.join()
+        self.stop()
         self._check()
+
+    def stop(self) -> None:
+        """Let the thread finish the chunks already queued (each flagged done only after its data), then end it.
+        Safe to call more than once; the caller closes the store after this, never before."""
+        if not self.closed:
+            self.closed = True
+            self.q.put(None)
+            self.thread.join()
 
     def _check(self):
         if self.error is not None:

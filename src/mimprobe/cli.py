@@ -30,6 +30,19 @@ def _numbers(text: Optional[str], option: str, kind=int) -> list:
         raise UserError(f"{option} {text!r}: expected comma-separated numbers, e.g. {example}") from None
 
 
+def _bytes(text: str, option: str) -> int:
+    """``512M``, ``4G``, ``1500000`` → bytes."""
+    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    t = text.strip().upper().rstrip("B")
+    try:
+        n = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+    except ValueError:
+        n = -1
+    if n <= 0:
+        raise UserError(f"{option} {text!r}: expected a size such as 512M or 4G")
+    return int(n)
+
+
 def _quiet(quiet: bool) -> None:
     logging.getLogger("mimprobe").setLevel(logging.WARNING if quiet else logging.INFO)
 
@@ -153,10 +166,16 @@ def probe(
     allow_incomplete: bool = typer.Option(False, help="use the finished chunks of incomplete stores"),
     out: Optional[str] = typer.Option(None, help="append one JSON line per head and seed to this file"),
     save_heads: Optional[str] = typer.Option(None, help="save each chosen head under this directory"),
+    knn_k: Optional[str] = typer.Option(None, help="kNN heads: neighbour counts, comma list (default 10,20,100,200)"),
+    knn_t: Optional[str] = typer.Option(None, help="kNN heads: temperatures of the weighted vote (default 0.07)"),
+    pool_from: Optional[list[str]] = typer.Option(None, "--pool-from", help="kNN over the pooled vector of a "
+                                                  "saved head (a --save-heads directory), repeatable"),
+    memory: str = typer.Option("2G", help="memory budget of a kNN search, e.g. 512M, 4G"),
     quiet: bool = typer.Option(False),
 ):
     """Train probe heads on cached tokens (whole grids in one pass), choose on train, report on eval."""
     from mimprobe.probe import ProbeOptions, run_probe
+    from mimprobe.probe.knn import DINO_KS, DINO_T
     from mimprobe.probe.results import format_table
 
     _quiet(quiet)
@@ -167,7 +186,8 @@ def probe(
         val_fraction=val_fraction, val_from=val_from, val_max=val_max, shots=shots, fraction=fraction,
         subset=subset, final_norm=final_norm, layers=_numbers(layers, "--layers"), in_memory=in_memory,
         device=device, workers=workers, allow_incomplete=allow_incomplete, out=out, save_heads=save_heads,
-        quiet=quiet,
+        knn_k=_numbers(knn_k, "--knn-k") or list(DINO_KS), knn_t=_numbers(knn_t, "--knn-t", float) or [DINO_T],
+        pool_from=list(pool_from or []), memory=_bytes(memory, "--memory"), quiet=quiet,
     )
     records = run_probe(train_store, eval_store, opts)
     if records and records[0]["world_size"] > 1 and not _is_main():

@@ -21,6 +21,7 @@ from mimprobe.errors import UserError
 from mimprobe.probe import pooling, subsets
 from mimprobe.probe.feed import fits_in_memory
 from mimprobe.probe.heads import HEADS, parse_spec, spec_key
+from mimprobe.probe.knn import DEFAULT_MEMORY, DINO_KS, DINO_T
 from mimprobe.probe.trainer import TrainConfig
 
 log = logging.getLogger("mimprobe")
@@ -34,6 +35,9 @@ DEFAULT_L2 = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0]
 DEFAULT_POINT = {"adamw": (1e-3, 5e-2), "lars": (0.1, 0.0), "lbfgs": 1e-3}
 MIN_STEPS = 1000  # docs/protocol.md: the floor measured to make small sets train as long as large ones
 VAL_CAP = 10_000  # validation rows drawn outside a subset, at most
+# kNN "heads": DINO's weighted kNN over parameter-free pooled features (or a saved head's pooled vector)
+KNN = {"knn-cls": ("cls",), "knn-mean": ("mean",), "knn-clsmean": ("cls", "mean")}
+KNN_DEFAULT_POINT = (20, DINO_T, "weighted")  # with --val-fraction 0 (unless a single --knn-k / --knn-t is given)
 
 
 @dataclass
@@ -62,6 +66,10 @@ class ProbeOptions:
     allow_incomplete: bool = False
     out: str | None = None
     save_heads: str | None = None
+    knn_k: list[int] = field(default_factory=lambda: list(DINO_KS))
+    knn_t: list[float] = field(default_factory=lambda: [DINO_T])
+    pool_from: list[str] = field(default_factory=list)
+    memory: int = DEFAULT_MEMORY
     quiet: bool = False
 
 
@@ -71,11 +79,13 @@ class HeadPlan:
     kind: str
     options: dict
     positions: tuple[int, ...]  # along the batch's block axis
-    trainer: str  # "sgd" (adamw / lars, one pass for all) or "lbfgs" (full batch, on pooled features)
+    trainer: str  # "sgd" (adamw / lars, one pass for all), "lbfgs" (full batch, pooled features) or "knn"
 
     @property
     def features(self) -> tuple[str, ...] | None:
-        return HEADS[self.kind].features
+        if self.kind in KNN:
+            return KNN[self.kind]
+        return HEADS[self.kind].features if self.kind in HEADS else None
 
 
 @dataclass(frozen=True)
@@ -106,6 +116,7 @@ class ProbePlan:
     l2: list[float]  # the L2 grid of the "lbfgs" heads
     features: tuple[str, ...]  # pooled features computed once (K axis), empty when nothing is pooled once
     sgd_on_pooled: bool  # every SGD head reads pooled features: they train on those instead of tokens
+    pooled_on_disk: bool  # the pooled features do not fit in memory: kept in a .npy file (kNN only)
     eval_rows: np.ndarray
     usable_rows: np.ndarray
     splits: tuple[Split, ...]
@@ -140,6 +151,11 @@ def _validate(opts: ProbeOptions) -> None:
     subsets.check_fraction(opts.val_fraction)
     if opts.val_from not in subsets.VAL_FROM:
         raise UserError(f"--val-from {opts.val_from}: choose outside or subset")
+    if any(k <= 0 for k in opts.knn_k) or any(t <= 0 for t in opts.knn_t) or not opts.knn_k or not opts.knn_t:
+        raise UserError("--knn-k and --knn-t: give positive values")
+    for d in opts.pool_from:
+        if not os.path.isfile(os.path.join(d, "config.json")):
+            raise UserError(f"--pool-from {d}: not a saved head (see probe --save-heads)")
 
 
 def _resolve_heads(opts: ProbeOptions, train: TokenStore, has_cls: bool) -> list[tuple[str, str, dict]]:
@@ -147,9 +163,12 @@ def _resolve_heads(opts: ProbeOptions, train: TokenStore, has_cls: bool) -> list
     specs = opts.heads or DEFAULT_HEADS
     out = {}
     for spec in specs:
-        kind, options = parse_spec(spec)
-        key = spec_key(kind, options)
-        needs_cls = HEADS[kind].needs_cls
+        if spec in KNN:
+            kind, options, key, needs_cls = spec, {}, spec, "cls" in KNN[spec]
+        else:
+            kind, options = parse_spec(spec)
+            key = spec_key(kind, options)
+            needs_cls = HEADS[kind].needs_cls
         if needs_cls and not has_cls:
             if opts.heads:
                 m = train.attrs["model"]
@@ -177,6 +196,8 @@ def _blocks(layers: list[int], train: TokenStore) -> tuple[list[str], list[int],
 
 
 def _trainer(kind: str, opts: ProbeOptions, lbfgs_ok: bool) -> str:
+    if kind in KNN or kind == "knn-head":
+        return "knn"
     linear = HEADS[kind].features is not None
     if opts.optimizer == "lbfgs":
         if not linear:
@@ -205,6 +226,14 @@ def _grids(opts: ProbeOptions, sgd_opt: str) -> tuple[list[float], list[float], 
         wds = wds if opts.wds and not explicit_lbfgs else [point[1]]
         l2 = l2 if opts.l2 or explicit_lbfgs and opts.wds else [DEFAULT_POINT["lbfgs"]]
     return lrs, wds, l2
+
+
+def _pool_from_key(head_dir: str) -> str:
+    """``knn@<head>`` for a saved head ``.../HEAD/seedN``: the run's name of kNN over its pooled vector."""
+    head_dir = os.path.normpath(os.path.abspath(head_dir))
+    parent, leaf = os.path.split(head_dir)
+    name = f"{os.path.basename(parent)}/{leaf}" if leaf.startswith("seed") else leaf
+    return f"knn@{name}"
 
 
 def _subset(opts: ProbeOptions, store: TokenStore, rows: np.ndarray, seed: int) -> subsets.Subset:
@@ -269,20 +298,27 @@ def _plan(opts, train, ev, device, ctx) -> ProbePlan:
                     "model's published numbers", train.path)
 
     views = train.num_views
-    feature_names = pooling.ordered(n for _, kind, _ in requested for n in HEADS[kind].features or ())
+    feats = {kind: KNN[kind] if kind in KNN else HEADS[kind].features or () for _, kind, _ in requested}
+    feature_names = pooling.ordered(n for f in feats.values() for n in f)
     pooled_bytes = (len(usable) + len(eval_rows)) * len(blocks) * max(1, len(feature_names)) * train.dim * 4
-    lbfgs_ok = not ctx.active and views == 0 and fits_in_memory(pooled_bytes, torch.device("cpu"))
+    pooled_in_memory = fits_in_memory(pooled_bytes, torch.device("cpu"))
+    lbfgs_ok = not ctx.active and views == 0 and pooled_in_memory
     sgd_opt = "adamw" if opts.optimizer in ("auto", "lbfgs") else opts.optimizer
     heads = []
     for key, kind, options in requested:
         trainer = _trainer(kind, opts, lbfgs_ok)
         heads.append(HeadPlan(key, kind, options, (pos_last,), trainer))
-        if label:
+        if label and trainer != "knn":
             heads.append(HeadPlan(f"{key}@{label}", kind, options, tuple(range(len(blocks))), trainer))
+    for d in opts.pool_from:
+        heads.append(HeadPlan(_pool_from_key(d), "knn-head", {"from": os.path.abspath(d)}, (pos_last,), "knn"))
+    if ctx.active and any(h.trainer == "knn" for h in heads):
+        raise UserError("kNN heads run in one process: run them without torchrun")
     lrs, wds, l2 = _grids(opts, sgd_opt)
     sgd_heads = [h for h in heads if h.trainer == "sgd"]
-    sgd_on_pooled = bool(sgd_heads) and views == 0 and all(h.features is not None for h in sgd_heads)
-    pooled_once = sgd_on_pooled or any(h.trainer == "lbfgs" for h in heads)
+    sgd_on_pooled = (bool(sgd_heads) and views == 0 and pooled_in_memory
+                     and all(h.features is not None for h in sgd_heads))
+    pooled_once = sgd_on_pooled or any(h.trainer in ("lbfgs", "knn") and h.features for h in heads)
     sgd = TrainConfig(lrs=tuple(lrs), wds=tuple(wds), epochs=opts.epochs, batch_size=opts.batch_size,
                       optimizer=sgd_opt, warmup_epochs=opts.warmup_epochs, min_steps=opts.min_steps,
                       quiet=opts.quiet) if sgd_heads else None
@@ -297,4 +333,5 @@ def _plan(opts, train, ev, device, ctx) -> ProbePlan:
                      blocks=blocks, num_classes=num_classes, has_cls=has_cls,
                      norm=train.final_norm() if opts.final_norm else None, sgd=sgd, l2=l2,
                      features=feature_names if pooled_once else (), sgd_on_pooled=sgd_on_pooled,
+                     pooled_on_disk=pooled_once and not pooled_in_memory,
                      eval_rows=eval_rows, usable_rows=usable, splits=tuple(splits))

@@ -10,12 +10,15 @@ from mimprobe.probe.results import model_ref, now, store_ref, versions
 
 
 def grid_edges(points: list[dict], chosen: int) -> list[str]:
-    """Axes of the grid (lr, wd, l2) on which the chosen point is the smallest or largest of several values."""
+    """Numeric axes of the grid (lr, wd, l2, k, t) on which the chosen point is the smallest or largest of several
+    values (k and T of kNN among the points of the chosen vote)."""
     out = []
-    for axis in points[chosen]:
-        values = sorted({p[axis] for p in points})
+    c = points[chosen]
+    for axis, v in c.items():
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue
+        values = sorted({p[axis] for p in points if p.get("vote") == c.get("vote") and p[axis] is not None})
         if len(values) > 1:
-            v = points[chosen][axis]
             if v == values[0]:
                 out.append(f"{axis}=min")
             elif v == values[-1]:
@@ -50,7 +53,13 @@ def protocol(plan: ProbePlan, split: Split) -> dict:
 
 
 def training(plan: ProbePlan, head: HeadPlan, out) -> dict:
-    r = out.training
+    r, o = out.training, plan.opts
+    if head.trainer == "knn":
+        return {"optimizer": "knn", "features": "L2-normalised, cosine similarity (DINO)",
+                "pooled": f"saved head {head.options['from']}" if head.kind == "knn-head" else "+".join(head.features),
+                "votes": "weighted: exp(s/T); majority: 1", "bank_rows": out.timings.get("bank_rows"),
+                "memory_bytes": o.memory, "grid": {"k": list(o.knn_k), "t": list(o.knn_t),
+                                                   "vote": ["weighted", "majority"]}}
     if head.trainer == "lbfgs":
         return {"optimizer": "lbfgs", "iterations": r.steps, "max_iter": MAX_ITER, "tol": TOL,
                 "objective": "mean cross-entropy + l2/2 ||W||^2 on standardized features (l2 = 1/(C N))",
@@ -67,14 +76,14 @@ def make_record(plan: ProbePlan, split: Split, head: HeadPlan, out) -> dict:
     train = plan.train
     val = out.val_top1
     g = out.chosen
-    one = out.head.heads[head.key]
+    one = out.head.heads[head.key] if out.head is not None else None
     return {
         "type": "mimprobe.probe",
         "time": now(),
         "head": head.key,
         "head_kind": head.kind,
         "head_options": dict(head.options),
-        "params": one.num_parameters(),
+        "params": one.num_parameters() if one is not None else 0,
         "seed": split.seed,
         "model": model_ref(train),
         "train_store": store_ref(train),

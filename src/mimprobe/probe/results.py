@@ -42,21 +42,29 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
 
 
-def _axis(rs: list[dict], axis: str) -> str:
-    values = sorted({r["chosen"][axis] for r in rs if axis in r["chosen"]})
-    if not values:
-        return "-"
-    edge = any(e.startswith(axis + "=") for r in rs for e in r["chosen"].get("edges", []))
-    return ",".join(f"{x:g}" for x in values) + ("*" if edge else "")
+AXES = (("lr", "lr"), ("wd", "wd"), ("l2", "l2"), ("k", "k"), ("t", "T"), ("vote", ""))
+
+
+def _chosen(rs: list[dict]) -> str:
+    """The chosen grid point over the seeds, e.g. ``lr 1e-3 wd 0.05*``; ``*`` = at the edge of its grid."""
+    parts = []
+    for axis, label in AXES:
+        values = sorted({r["chosen"][axis] for r in rs if r["chosen"].get(axis) is not None}, key=str)
+        if not values:
+            continue
+        edge = any(e.startswith(axis + "=") for r in rs for e in r["chosen"].get("edges", []))
+        text = ",".join(f"{x:g}" if isinstance(x, (int, float)) else str(x) for x in values)
+        parts.append(f"{label} {text}".strip() + ("*" if edge else ""))
+    return " ".join(parts)
 
 
 def format_table(records: list[dict]) -> str:
-    """One row per head: how it trained, the chosen lr / wd (or l2), val top-1, eval top-1 (mean ± std over
-    seeds), top-5; then notes on choices at the edge of their grid and on ties."""
+    """One row per head: how it trained, the chosen grid point (lr / wd, l2, or k / T / vote), val top-1, eval
+    top-1 (mean ± std over seeds), top-5; then notes on choices at the edge of their grid and on ties."""
     by_head: dict[str, list[dict]] = {}
     for r in records:
         by_head.setdefault(r["head"], []).append(r)
-    rows = [("head", "fit", "lr", "wd / l2", "val top-1", "eval top-1", "eval top-5", "seeds")]
+    rows = [("head", "fit", "chosen", "val top-1", "eval top-1", "eval top-5", "seeds")]
     edge_heads, tie_heads = [], []
     for head, rs in by_head.items():
         val = [r["metrics"]["val_top1"] for r in rs if r["metrics"].get("val_top1") is not None]
@@ -65,8 +73,7 @@ def format_table(records: list[dict]) -> str:
         m, s = mean_std(ev)
         tr = rs[0].get("training", {})
         fit = tr.get("optimizer", "?") + (f" {tr['steps']} steps" if "steps" in tr else "")
-        reg = _axis(rs, "l2") if "l2" in rs[0]["chosen"] else _axis(rs, "wd")
-        rows.append((head, fit, _axis(rs, "lr"), reg, f"{100 * np.mean(val):.2f}" if val else "-",
+        rows.append((head, fit, _chosen(rs), f"{100 * np.mean(val):.2f}" if val else "-",
                      f"{100 * m:.2f} ± {100 * s:.2f}" if len(ev) > 1 else f"{100 * m:.2f}",
                      f"{100 * np.mean(t5):.2f}" if t5 else "-", str(len(rs))))
         if any(r["chosen"].get("edges") for r in rs):
@@ -79,10 +86,11 @@ def format_table(records: list[dict]) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     if edge_heads:
         lines.append(f"* chosen at the edge of its grid ({', '.join(edge_heads)}): the best value may lie outside "
-                     "it; extend --lr / --wd / --l2 past that edge")
+                     "it; extend the grid (--lr / --wd / --l2 / --knn-k / --knn-t) past that edge")
     if tie_heads:
         lines.append(f"ties: the validation rows could not tell the best grid points apart for {', '.join(tie_heads)}"
-                     " (the lowest validation loss decided); more validation rows (--val-fraction) would")
+                     " (the lowest validation loss decided; for kNN the first in grid order); more validation rows "
+                     "(--val-fraction) would")
     return "\n".join(lines)
 
 

@@ -1,22 +1,27 @@
 """`mimprobe probe`: execute a :class:`~mimprobe.probe.plan.ProbePlan`.
 
 For every seed: train every head's grid (SGD-type heads in one pass over the tokens, or over features pooled
-once; linear heads by full-batch L-BFGS on the pooled features), score every member on the seed's validation
-rows, keep the best member of each head, evaluate it once on the eval store, and write one record per head.
+once; linear heads by full-batch L-BFGS on the pooled features; kNN as one similarity search that scores every
+(k, T, vote)), score every member on the seed's validation rows, keep the best member of each head, evaluate it
+once on the eval store, and write one record per head.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 
 import torch
 
+from mimprobe.cache_store.schema import MODEL_KEYS, identity_diff
+from mimprobe.errors import UserError
+from mimprobe.probe import knn
 from mimprobe.probe.feed import Feeder
 from mimprobe.probe.lbfgs import fit_lbfgs
-from mimprobe.probe.plan import HeadPlan, ProbeOptions, ProbePlan, Split, make_plan
-from mimprobe.probe.pooled import Pooled, pool_rows
+from mimprobe.probe.plan import KNN_DEFAULT_POINT, HeadPlan, ProbeOptions, ProbePlan, Split, make_plan
+from mimprobe.probe.pooled import Pooled, pool_rows, pool_with
 from mimprobe.probe.records import make_record
 from mimprobe.probe.results import append_jsonl
 from mimprobe.probe.saved import save_head
@@ -27,7 +32,7 @@ from mimprobe.probe.trainer import HeadSet, TokenNorm, TrainResult, build_heads,
 class Outcome:
     """What one head of one seed came to: every member's validation top-1, the chosen member, its eval metrics."""
 
-    head: HeadSet  # the chosen member, one-member head set reading tokens (what --save-heads writes)
+    head: HeadSet | None  # the chosen member, one-member head set reading tokens (--save-heads); None for kNN
     points: list[dict]  # the grid: {"lr", "wd"} or {"l2"} per member
     val_top1: list[float] | None
     chosen: int
@@ -49,12 +54,18 @@ def run_probe(train_path: str, eval_path: str, opts: ProbeOptions) -> list[dict]
 
 
 def execute(plan: ProbePlan) -> list[dict]:
+    with tempfile.TemporaryDirectory(prefix="mimprobe-pooled-") as scratch:
+        return _execute(plan, scratch if plan.pooled_on_disk else None)
+
+
+def _execute(plan: ProbePlan, scratch: str | None) -> list[dict]:
     o, t0 = plan.opts, time.perf_counter()
     pooled = None
     if plan.features:
         args = (plan.arrays, plan.features, plan.train.num_prefix_tokens, plan.norm, plan.device)
-        pooled = (pool_rows(plan.train, plan.usable_rows, *args, workers=o.workers, ctx=plan.ctx),
-                  pool_rows(plan.eval, plan.eval_rows, *args, workers=o.workers, ctx=plan.ctx))
+        pooled = tuple(pool_rows(store, rows, *args, workers=o.workers, ctx=plan.ctx, scratch=scratch)
+                       for store, rows in ((plan.train, plan.usable_rows), (plan.eval, plan.eval_rows)))
+    learned = {h.key: _pool_learned(plan, h, scratch) for h in plan.by_trainer("knn") if h.kind == "knn-head"}
     token_eval = None
     if plan.sgd is not None and not plan.sgd_on_pooled:
         token_eval = Feeder(plan.eval, plan.eval_rows, plan.sgd.batch_size, device=plan.device, blocks=plan.arrays,
@@ -67,12 +78,14 @@ def execute(plan: ProbePlan) -> list[dict]:
             outcomes.update(_run_sgd(plan, split, pooled, token_eval))
         if plan.by_trainer("lbfgs"):
             outcomes.update(_run_lbfgs(plan, split, pooled))
+        for head in plan.by_trainer("knn"):
+            outcomes[head.key] = _run_knn(plan, split, head, learned.get(head.key, pooled))
         for head in plan.heads:
             out = outcomes[head.key]
             out.timings["setup_seconds"] = setup
             rec = make_record(plan, split, head, out)
             records.append(rec)
-            if o.save_heads and plan.ctx.is_main:
+            if o.save_heads and plan.ctx.is_main and out.head is not None:
                 _save(plan, head, out, rec)
     return records
 
@@ -147,6 +160,64 @@ def _choose(plan: ProbePlan, heads: list[HeadPlan], headset: HeadSet, val_feed: 
             metrics={"eval_top1": float(m["top1"][0]), "eval_top5": float(m["top5"][0]) if "top5" in m else None,
                      "n": int(m["n"])})
     return out
+
+
+def _pool_learned(plan: ProbePlan, head: HeadPlan, scratch: str | None) -> tuple[Pooled, Pooled]:
+    """A saved head's pooled vector (before its norm and classifier) of every usable train and eval row."""
+    from mimprobe.probe.saved import head_blocks, load_head
+
+    path = head.options["from"]
+    headset, config = load_head(path)
+    diff = identity_diff({"model": config["model"], "preprocessing": config.get("preprocessing")}, plan.train.attrs,
+                         MODEL_KEYS)
+    if diff:
+        raise UserError(f"--pool-from {path}: the head was trained on another model's tokens ({diff[0]})")
+    headset.to(plan.device).eval()
+    blocks = head_blocks(config)
+
+    def fn(x):
+        (v,) = headset.pooled_vectors(x).values()
+        return v[0][:, None, None, :]  # (B, 1, 1, F)
+
+    return tuple(pool_with(fn, store, rows, [store.block_array(b) for b in blocks], ("head",), plan.device,
+                           workers=plan.opts.workers, scratch=scratch)
+                 for store, rows in ((plan.train, plan.usable_rows), (plan.eval, plan.eval_rows)))
+
+
+def _run_knn(plan: ProbePlan, split: Split, head: HeadPlan, pooled: tuple[Pooled, Pooled]) -> Outcome:
+    """Weighted / majority kNN: one search of the validation rows scores every (k, T, vote); the best is
+    evaluated once on the eval store, with the split's training rows as the bank."""
+    o, t0 = plan.opts, time.perf_counter()
+    ptrain, peval = pooled
+    feats, block = (("head",), 0) if head.kind == "knn-head" else (head.features, head.positions[0])
+    mtr = ptrain.matrix(feats, block)
+    bank = knn.FeatureBank(mtr, ptrain.y, rows=ptrain.positions(split.train_rows))
+    ks = sorted({min(k, len(bank)) for k in o.knn_k})
+    common = dict(device=plan.device, memory_bytes=o.memory, progress=not o.quiet)
+    if len(split.val_rows):
+        queries = knn.FeatureBank(mtr, ptrain.y, rows=ptrain.positions(split.val_rows))
+        recs = knn.knn_sweep(queries, queries.labels, bank, ks, o.knn_t, num_classes=plan.num_classes, **common)
+        points = [{"k": r["k"], "t": r["temperature"], "vote": r["vote"]} for r in recs]
+        val = [r["top1"] for r in recs]
+        chosen = val.index(max(val))  # the first of equals: weighted before majority, smaller T, smaller k
+    else:
+        k, t, vote = KNN_DEFAULT_POINT  # or the one k / T given
+        k, t = (o.knn_k[0] if len(o.knn_k) == 1 else k), (o.knn_t[0] if len(o.knn_t) == 1 else t)
+        points, val, chosen = [{"k": min(k, len(bank)), "t": t, "vote": vote}], None, 0
+    t_eval = time.perf_counter()
+    c = points[chosen]
+    queries = knn.FeatureBank(peval.matrix(feats, block), peval.y)
+    sims, idx = knn.topk_neighbours(queries, bank, c["k"], **common)
+    (m,) = knn.sweep(sims, bank.labels[idx], queries.labels, [c["k"]], [c["t"] or knn.DINO_T], plan.num_classes,
+                     votes=[c["vote"]], memory_bytes=o.memory)
+    t_end = time.perf_counter()
+    return Outcome(head=None, points=points, val_top1=val, chosen=chosen,
+                   metrics={"eval_top1": m["top1"], "eval_top5": m["top5"], "n": m["n"]},
+                   training=TrainResult(t_eval - t0, 0.0, 0, 0.0),
+                   timings={"read_seconds": ptrain.read_seconds + peval.read_seconds, "train_seconds": 0.0,
+                            "select_seconds": t_eval - t0, "eval_seconds": t_end - t_eval,
+                            "in_memory": not ptrain.on_disk,
+                            "bank_rows": len(bank)})
 
 
 def best_member(val: dict) -> int:

@@ -92,13 +92,13 @@ class HeadSet(nn.Module):
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(x) if self.norm is not None else x
 
-    def forward(self, x: torch.Tensor, pooled: bool = False) -> dict[str, torch.Tensor]:
+    def head_inputs(self, x: torch.Tensor, pooled: bool = False):
+        """(key, head, what the head reads) for every head: its blocks of the tokens, or of their features."""
         if pooled:
             feats = x
         else:
             x = self.prepare(x)
             feats = pooling.pool(x, self.features, self.num_prefix) if self.features else None
-        out = {}
         for key, head in self.heads.items():
             src = x if head.features is None else feats
             pos = self.inputs[key]
@@ -106,8 +106,14 @@ class HeadSet(nn.Module):
                 src = src[:, pos]
             if head.features is not None and head.features != self.features:
                 src = src[:, :, [self.features.index(n) for n in head.features]]
-            out[key] = head(src)
-        return out
+            yield key, head, src
+
+    def forward(self, x: torch.Tensor, pooled: bool = False) -> dict[str, torch.Tensor]:
+        return {key: head(src) for key, head, src in self.head_inputs(x, pooled)}
+
+    def pooled_vectors(self, x: torch.Tensor, pooled: bool = False) -> dict[str, torch.Tensor]:
+        """Each head's pooled vector (G, B, F), before its norm and classifier (what kNN over a head uses)."""
+        return {key: head.pool(src) for key, head, src in self.head_inputs(x, pooled)}
 
     def select(self, members: dict[str, int]) -> "HeadSet":
         """One-member heads: member ``members[key]`` of each head."""

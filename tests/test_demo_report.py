@@ -55,7 +55,7 @@ def _seeded_results(tmp_path, cli):
     out = tmp_path / "r.jsonl"
     for shots in ("5", "10"):
         code, _, err = cli("probe", tr, te, "--head", "linear-mean,abmilp", "--seeds", "0,1,2", "--shots", shots,
-                           "--val-fraction", "0", "--lr", "1e-2", "--wd", "0", "--epochs", "2", "--out", out,
+                           "--val-fraction", "0", "--lr", "1e-2", "--wd", "0", "--epochs", "2", "--min-steps", "0", "--out", out,
                            "--quiet")
         assert code == 0, err
     return out, [json.loads(x) for x in open(out)]
@@ -88,9 +88,10 @@ def test_report_mean_std_md_and_csv(tmp_path, cli):
 def test_report_errors(tmp_path, cli):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"type": "mimprobe.probe"\n')
-    for args, expect in (((tmp_path / "none.jsonl",), "no such results file"), ((bad,), "bad.jsonl:1"),):
+    for args, expect in (((tmp_path / "none.jsonl",), "no such results file"), ((bad,), "no results"),):
         code, out, err = cli("report", *args)
         assert code == 2 and expect in err
+    assert "bad.jsonl:1: not a JSON line" in err  # a damaged line is named (and skipped)
 
 
 def test_report_keeps_checkpoints_and_dtypes_apart(tmp_path, cli):

@@ -252,11 +252,20 @@ def report(
     format: str = typer.Option("md", "--format", help="md | csv"),
     plot: Optional[str] = typer.Option(None, help="also draw a bar chart (PNG)"),
     out: Optional[str] = typer.Option(None, help="write the table to this file instead of stdout"),
+    sweep: Optional[str] = typer.Option(None, help="also draw this head's grid (validation top-1 per lr x wd, l2 "
+                                        "or k x T) as a heatmap: sweep_HEAD.png, or --sweep-plot"),
+    sweep_plot: Optional[str] = typer.Option(None, help="PNG for --sweep"),
 ):
     """One comparison table across runs: rows model / dataset / subset / protocol, columns head kinds."""
     from mimprobe.report import build_table, load_results, plot_table, render
 
-    table = build_table(load_results(results))
+    records = load_results(results)
+    if sweep:
+        from mimprobe.report.sweep import plot_sweep
+
+        name = "".join(c if c.isalnum() or c in "-_." else "_" for c in sweep)
+        typer.echo(f"wrote {plot_sweep(records, sweep, sweep_plot or f'sweep_{name}.png')}")
+    table = build_table(records)
     text = render(table, format)
     if out:
         with open(out, "w", encoding="utf-8") as f:

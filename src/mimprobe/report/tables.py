@@ -12,13 +12,19 @@ import json
 import os
 from dataclasses import dataclass, field
 
+import logging
+
 import numpy as np
 
 from mimprobe.errors import UserError
 from mimprobe.probe.results import mean_std
 
+log = logging.getLogger("mimprobe")
+
 
 def load_results(paths: list[str]) -> list[dict]:
+    """The probe records of the given files. A damaged line (a run killed mid-write by something other than
+    mimprobe, an edited file) is skipped and named; no record at all is an error."""
     records = []
     for path in paths:
         if not os.path.isfile(path):
@@ -30,9 +36,11 @@ def load_results(paths: list[str]) -> list[dict]:
                 try:
                     r = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{n}: not a JSON line ({e.msg})") from None
-                if r.get("type") != "mimprobe.probe":
-                    raise UserError(f"{path}:{n}: not a mimprobe probe result")
+                    log.warning("%s:%d: not a JSON line (%s): skipped", path, n, e.msg)
+                    continue
+                if not isinstance(r, dict) or r.get("type") != "mimprobe.probe":
+                    log.warning("%s:%d: not a mimprobe probe result: skipped", path, n)
+                    continue
                 records.append(r)
     if not records:
         raise UserError(f"{', '.join(paths)}: no results")
@@ -50,7 +58,7 @@ def _subset_label(s: dict) -> str:
     return "all"
 
 
-def _row_key(r: dict) -> tuple:
+def row_key(r: dict) -> tuple:
     m, ds, p = r["model"], r["train_store"], r["protocol"]
     if m["weights"] == "checkpoint":  # two checkpoints of one architecture are two models
         weights = f"checkpoint {os.path.basename(str(m.get('checkpoint') or ''))} {str(m.get('checkpoint_sha256'))[:8]}"
@@ -91,7 +99,7 @@ def build_table(records: list[dict]) -> Table:
     t = Table(heads)
     seen = {}
     for r in records:
-        key = _row_key(r)
+        key = row_key(r)
         if key not in seen:
             seen[key] = True
             t.rows.append(key)

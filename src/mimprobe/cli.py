@@ -171,6 +171,8 @@ def probe(
     pool_from: Optional[list[str]] = typer.Option(None, "--pool-from", help="kNN over the pooled vector of a "
                                                   "saved head (a --save-heads directory), repeatable"),
     memory: str = typer.Option("2G", help="memory budget of a kNN search, e.g. 512M, 4G"),
+    checkpoint_every: float = typer.Option(300, help="with --out: seconds between checkpoints of the grid in "
+                                           "training (0: every epoch); the same command resumes a killed run"),
     quiet: bool = typer.Option(False),
 ):
     """Train probe heads on cached tokens (whole grids in one pass), choose on train, report on eval."""
@@ -187,7 +189,8 @@ def probe(
         subset=subset, final_norm=final_norm, layers=_numbers(layers, "--layers"), in_memory=in_memory,
         device=device, workers=workers, allow_incomplete=allow_incomplete, out=out, save_heads=save_heads,
         knn_k=_numbers(knn_k, "--knn-k") or list(DINO_KS), knn_t=_numbers(knn_t, "--knn-t", float) or [DINO_T],
-        pool_from=list(pool_from or []), memory=_bytes(memory, "--memory"), quiet=quiet,
+        pool_from=list(pool_from or []), memory=_bytes(memory, "--memory"), checkpoint_every=checkpoint_every,
+        quiet=quiet,
     )
     records = run_probe(train_store, eval_store, opts)
     if records and records[0]["world_size"] > 1 and not _is_main():

@@ -36,6 +36,11 @@ class GridOptimizer:
     def state_dict(self) -> dict:
         return {"steps": self.steps, "state": self.state}
 
+    def load_state_dict(self, sd: dict) -> None:
+        self.steps = int(sd["steps"])
+        self.state = {int(i): {k: v.to(self.params[int(i)].device) for k, v in st.items()}
+                      for i, st in sd["state"].items()}
+
     @torch.no_grad()
     def step(self, lr_scale: float = 1.0) -> None:
         self.steps += 1

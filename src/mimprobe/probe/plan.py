@@ -70,6 +70,7 @@ class ProbeOptions:
     knn_t: list[float] = field(default_factory=lambda: [DINO_T])
     pool_from: list[str] = field(default_factory=list)
     memory: int = DEFAULT_MEMORY
+    checkpoint_every: float = 300.0  # seconds between grid checkpoints (with --out), 0 = every epoch
     quiet: bool = False
 
 

@@ -100,7 +100,8 @@ def make_record(plan: ProbePlan, split: Split, head: HeadPlan, out) -> dict:
         "grid": [dict(p, val_top1=val[i] if val else None) for i, p in enumerate(out.points)],
         "metrics": {"val_top1": val[g] if val else None, "eval_top1": out.metrics["eval_top1"],
                     "eval_top5": out.metrics["eval_top5"]},
-        "timings": dict(out.timings, steps=out.training.steps, pooled_once=head.trainer == "lbfgs"
+        "timings": dict(out.timings, steps=out.training.steps, resumed_at_step=out.training.resumed_at_step,
+                        pooled_once=head.trainer == "lbfgs"
                         or plan.sgd_on_pooled, heads_trained_together=len(plan.by_trainer(head.trainer)) * len(
                             out.points)),
         "device": plan.device.type,

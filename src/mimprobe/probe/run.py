@@ -8,7 +8,11 @@ once on the eval store, and write one record per head.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -25,7 +29,7 @@ from mimprobe.probe.pooled import Pooled, pool_rows, pool_with
 from mimprobe.probe.records import make_record
 from mimprobe.probe.results import append_jsonl
 from mimprobe.probe.saved import save_head
-from mimprobe.probe.trainer import HeadSet, TokenNorm, TrainResult, build_heads, evaluate, train_grid
+from mimprobe.probe.trainer import GridCheckpoint, HeadSet, TokenNorm, TrainResult, build_heads, evaluate, train_grid
 
 
 @dataclass
@@ -50,7 +54,32 @@ def run_probe(train_path: str, eval_path: str, opts: ProbeOptions) -> list[dict]
         plan.close()
     if opts.out and plan.ctx.is_main:
         append_jsonl(opts.out, records)
+        shutil.rmtree(resume_dir(plan), ignore_errors=True)
     return records
+
+
+RUN_INDEPENDENT = ("out", "quiet", "workers", "device", "in_memory", "checkpoint_every", "save_heads")
+
+
+def resume_dir(plan: ProbePlan) -> str | None:
+    """Where a run with ``--out`` keeps what a re-run of the same command resumes from: the records of finished
+    seeds and the checkpoint of the grid in training (``OUT.resume/<identity of the run>/``)."""
+    o = plan.opts
+    if not o.out:
+        return None
+    ident = {k: v for k, v in dataclasses.asdict(o).items() if k not in RUN_INDEPENDENT}
+    for name, store in (("train", plan.train), ("eval", plan.eval)):
+        ident[name] = [os.path.abspath(store.path) if "://" not in store.path else store.path,
+                       store.attrs.get("dataset", {}).get("content_hash"), store.attrs["model"]]
+    h = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return f"{o.out}.resume/{h}"
+
+
+def _write_json(path: str, obj) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(f"{path}.tmp", "w", encoding="utf-8") as f:
+        json.dump(obj, f)
+    os.replace(f"{path}.tmp", path)
 
 
 def execute(plan: ProbePlan) -> list[dict]:
@@ -71,22 +100,35 @@ def _execute(plan: ProbePlan, scratch: str | None) -> list[dict]:
         token_eval = Feeder(plan.eval, plan.eval_rows, plan.sgd.batch_size, device=plan.device, blocks=plan.arrays,
                             shuffle=False, seed=0, in_memory=o.in_memory, workers=o.workers, ctx=plan.ctx)
     setup = time.perf_counter() - t0
-    records = []
+    records, resume = [], resume_dir(plan)
     for split in plan.splits:
+        finished = resume and os.path.join(resume, f"seed{split.seed}.json")
+        if finished and os.path.isfile(finished):  # a re-run after a crash: this seed is done
+            with open(finished, encoding="utf-8") as f:
+                records += json.load(f)
+            continue
         outcomes: dict[str, Outcome] = {}
         if plan.by_trainer("sgd"):
-            outcomes.update(_run_sgd(plan, split, pooled, token_eval))
+            ckpt = GridCheckpoint(os.path.join(resume, f"seed{split.seed}.grid.pt"), o.checkpoint_every) \
+                if resume else None
+            if ckpt is not None:
+                os.makedirs(resume, exist_ok=True)
+            outcomes.update(_run_sgd(plan, split, pooled, token_eval, ckpt))
         if plan.by_trainer("lbfgs"):
             outcomes.update(_run_lbfgs(plan, split, pooled))
         for head in plan.by_trainer("knn"):
             outcomes[head.key] = _run_knn(plan, split, head, learned.get(head.key, pooled))
+        seed_records = []
         for head in plan.heads:
             out = outcomes[head.key]
             out.timings["setup_seconds"] = setup
             rec = make_record(plan, split, head, out)
-            records.append(rec)
+            seed_records.append(rec)
             if o.save_heads and plan.ctx.is_main and out.head is not None:
                 _save(plan, head, out, rec)
+        if finished and plan.ctx.is_main:
+            _write_json(finished, seed_records)
+        records += seed_records
     return records
 
 
@@ -100,8 +142,8 @@ def _heads(plan: ProbePlan, heads: list[HeadPlan], members: int, seed: int, pool
                        norm=None if pooled else plan.norm, grid=plan.grid, features=plan.features if pooled else None)
 
 
-def _run_sgd(plan: ProbePlan, split: Split, pooled: tuple[Pooled, Pooled] | None,
-             token_eval: Feeder | None) -> dict[str, Outcome]:
+def _run_sgd(plan: ProbePlan, split: Split, pooled: tuple[Pooled, Pooled] | None, token_eval: Feeder | None,
+             checkpoint: GridCheckpoint | None = None) -> dict[str, Outcome]:
     cfg, o, dev = plan.sgd, plan.opts, plan.device
     heads = plan.by_trainer("sgd")
     headset = _heads(plan, heads, len(cfg.grid), split.seed, plan.sgd_on_pooled)
@@ -118,7 +160,7 @@ def _run_sgd(plan: ProbePlan, split: Split, pooled: tuple[Pooled, Pooled] | None
         train_feed = tokens(split.train_rows, True, plan.train.num_views)
         val_feed = tokens(split.val_rows, False) if len(split.val_rows) else None
         eval_feed = token_eval
-    result = train_grid(headset, train_feed, cfg, dev, plan.ctx)
+    result = train_grid(headset, train_feed, cfg, dev, plan.ctx, checkpoint)
     points = [{"lr": lr, "wd": wd} for lr, wd in cfg.grid]
     reads = [train_feed] + ([val_feed] if val_feed is not None else [])
     return _choose(plan, heads, headset, val_feed, eval_feed, points, result, reads)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -133,11 +134,37 @@ def build_heads(specs: dict[str, tuple[str, dict, list[int]]], *, dim: int, num_
 
 
 @dataclass
+class GridCheckpoint:
+    """Where a grid's training state is kept (heads, optimizer states, step, epoch), saved atomically at the end
+    of an epoch once ``every_seconds`` have passed since the last save (0: every epoch). Resuming at an epoch
+    boundary is exact: batches are seeded by (seed, epoch), so the rest of the run is the uninterrupted one."""
+
+    path: str
+    every_seconds: float = 300.0
+    last: float = field(default_factory=time.monotonic)
+
+    def load(self) -> dict | None:
+        if not os.path.isfile(self.path):
+            return None
+        return torch.load(self.path, map_location="cpu", weights_only=True)
+
+    def maybe_save(self, state_fn, is_main: bool = True) -> None:
+        if time.monotonic() - self.last < self.every_seconds:
+            return
+        if is_main:
+            tmp = f"{self.path}.tmp"
+            torch.save(state_fn(), tmp)
+            os.replace(tmp, self.path)
+        self.last = time.monotonic()
+
+
+@dataclass
 class TrainResult:
     train_seconds: float
     read_seconds: float
     steps: int
     epochs: float
+    resumed_at_step: int = 0  # > 0: continued from a checkpoint taken at that step
 
 
 def _effective_lrs(cfg: TrainConfig, world: int) -> torch.Tensor:
@@ -148,8 +175,9 @@ def _effective_lrs(cfg: TrainConfig, world: int) -> torch.Tensor:
 
 
 def train_grid(headset: HeadSet, train: Feeder, cfg: TrainConfig, device: torch.device,
-               ctx: DistContext = DistContext()) -> TrainResult:
-    """Train every member of every head with ``cfg``'s optimizer and schedule (see :class:`TrainConfig`)."""
+               ctx: DistContext = DistContext(), checkpoint: GridCheckpoint | None = None) -> TrainResult:
+    """Train every member of every head with ``cfg``'s optimizer and schedule (see :class:`TrainConfig`),
+    continuing from ``checkpoint`` when it holds a saved state, saving to it as it goes."""
     headset.to(device).train()
     model: nn.Module = headset
     if ctx.active:
@@ -166,11 +194,16 @@ def train_grid(headset: HeadSet, train: Feeder, cfg: TrainConfig, device: torch.
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
         steps_per_epoch = int(t.item())
     total, warmup = cfg.steps(steps_per_epoch)
-    step = 0
-    t_train = 0.0
-    bar = tqdm(total=total, desc="probe", unit="step", disable=True if cfg.quiet or not ctx.is_main else None,
-               dynamic_ncols=True)
-    for epoch in range(math.ceil(total / steps_per_epoch)):
+    step, start, t_train = 0, 0, 0.0
+    saved = checkpoint.load() if checkpoint is not None else None
+    if saved is not None:
+        headset.load_state_dict(saved["heads"])
+        for k, o in opts.items():
+            o.load_state_dict(saved["optimizers"][k])
+        step, start, t_train = int(saved["step"]), int(saved["epoch"]) + 1, float(saved["train_seconds"])
+    bar = tqdm(total=total, initial=step, desc="probe", unit="step",
+               disable=True if cfg.quiet or not ctx.is_main else None, dynamic_ncols=True)
+    for epoch in range(start, math.ceil(total / steps_per_epoch)):
         train.set_epoch(epoch)
         for i, batch in enumerate(train):
             if i >= steps_per_epoch or step >= total:
@@ -191,8 +224,13 @@ def train_grid(headset: HeadSet, train: Feeder, cfg: TrainConfig, device: torch.
             bar.update(1)
             if step % 20 == 0:
                 bar.set_postfix(loss=f"{loss.item() / len(cfg.grid) / len(logits):.3f}", epoch=epoch)
+        if checkpoint is not None and step < total:
+            checkpoint.maybe_save(lambda: {"heads": headset.state_dict(), "step": step, "epoch": epoch,
+                                           "train_seconds": t_train,
+                                           "optimizers": {k: o.state_dict() for k, o in opts.items()}}, ctx.is_main)
     bar.close()
-    return TrainResult(t_train, train.read_seconds, step, step / steps_per_epoch)
+    return TrainResult(t_train, train.read_seconds, step, step / steps_per_epoch,
+                       int(saved["step"]) if saved is not None else 0)
 
 
 @torch.no_grad()

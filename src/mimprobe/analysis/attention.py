@@ -174,7 +174,8 @@ def run_attention(model: str, data: str, *, checkpoint: str | None = None, pretr
     """``mimprobe attention MODEL DATA``: the statistics of ``limit`` images of ``data`` (a seeded random
     subset, eval preprocessing of the model) as one JSON-able dict: model, preprocessing, dataset, per-block
     ``layers``, ``definitions`` and a ``note`` (None, or what the numbers are not)."""
-    from mimprobe.analysis.inputs import image_batches, sample_rows
+    from mimprobe.analysis.inputs import image_batches
+    from mimprobe.data.sources import seeded_rows
     from mimprobe.data import open_source
     from mimprobe.distributed import resolve_device
     from mimprobe.extract.backbone import load_backbone
@@ -182,9 +183,7 @@ def run_attention(model: str, data: str, *, checkpoint: str | None = None, pretr
 
     dev = resolve_device(device)
     source = open_source(data)
-    if len(source) == 0:
-        raise UserError(f"{data}: the dataset is empty")
-    rows = sample_rows(len(source), limit, seed)
+    rows = seeded_rows(len(source), seed, limit)
     bb = load_backbone(model, checkpoint=checkpoint, pretrained=pretrained, img_size=img_size, crop_pct=crop_pct)
     if bb.family.no_attention:
         raise UserError(f"MODEL {model}: {bb.family.no_attention}")

@@ -91,7 +91,8 @@ def heatmaps(head_dir: str, data: str, images: int = 16, out_dir: str = "heatmap
              *, seed: int = 0, batch_size: int = 32, device: str = "auto", workers: int = 0) -> dict:
     """Draw the head's attention for ``images`` images of ``data`` (a seeded random subset): one PNG per image
     (title: sample id, true and predicted class) and ``grid.png``. Returns a summary with the files written."""
-    from mimprobe.analysis.inputs import image_batches, sample_rows
+    from mimprobe.analysis.inputs import image_batches
+    from mimprobe.data.sources import seeded_rows
     from mimprobe.analysis.plots import grid_figure, heatmap_figure
     from mimprobe.plotting import save_figure
     from mimprobe.data import open_source
@@ -107,15 +108,13 @@ def heatmaps(head_dir: str, data: str, images: int = 16, out_dir: str = "heatmap
         raise UserError(f"head {key} ({head_dir}) has no attention weights: use abmilp, abmilp-gated or attentive")
     dev = resolve_device(device)
     source = open_source(data)
-    if len(source) == 0:
-        raise UserError(f"{data}: the dataset is empty")
     bb = backbone_for_head(config, checkpoint, head_dir)
     bb.model.to(dev)
     headset.to(dev)
     blocks = head_blocks(config)
     grid = bb.info["grid_size"]
     class_names = config.get("class_names") or []
-    rows = sample_rows(len(source), images, seed)
+    rows = seeded_rows(len(source), seed, images)
     os.makedirs(out_dir, exist_ok=True)
     samples, items = [], []
     with torch.inference_mode():

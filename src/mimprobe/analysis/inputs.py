@@ -13,15 +13,6 @@ from mimprobe.errors import UserError
 from mimprobe.extract.dataset import ExtractDataset
 
 
-def sample_rows(n_available: int, limit: int | None, seed: int) -> np.ndarray:
-    """Dataset indices to analyse: the first ``limit`` of a seeded permutation (the rule ``extract --limit``
-    uses, so the same ``--limit`` and ``--seed`` pick the same images)."""
-    if limit is not None and limit <= 0:
-        raise UserError(f"--limit {limit}: must be positive")
-    perm = np.random.default_rng(seed).permutation(n_available)
-    return perm[:limit] if limit is not None else perm
-
-
 def image_batches(source: ImageSource, rows: np.ndarray, data_config: dict, batch_size: int,
                   workers: int = 0) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
     """(dataset indices, eval-transformed images (B, 3, H, W)) in the order of ``rows``; an image that cannot be

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mimprobe.cache_store.store import TokenStore
-from mimprobe.fmt import human_bytes
+from mimprobe.units import human_bytes
 
 
 def weights_line(model: dict) -> str:

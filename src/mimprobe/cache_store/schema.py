@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from mimprobe.cache_store import quant
+from mimprobe.errors import UserError
 
 SCHEMA_VERSION = 1
 TARGET_CHUNK_BYTES = 16 * 2**20  # DESIGN.md: chunks of ~8-32 MB, whole samples only
@@ -60,6 +61,23 @@ IDENTITY_KEYS = MODEL_KEYS + (
     "chunk_rows",
     "permutation_seed",
 )
+
+
+def resolve_layers(layers: list[int], num_blocks: int, allowed: range | None = None, model: str = "the model"
+                   ) -> list[int]:
+    """Python-style block indices → sorted absolute indices, always including the last block. ``allowed``: the
+    blocks whose tokens have the stored shape (a hierarchical model's last stage; default all)."""
+    allowed = range(num_blocks) if allowed is None else allowed
+    out = {num_blocks - 1}
+    for k in layers:
+        if not -num_blocks <= k < num_blocks:
+            raise UserError(f"--layers {k}: the model has {num_blocks} blocks (use 0..{num_blocks - 1} or negative)")
+        if k % num_blocks not in allowed:
+            a, b = allowed.start, allowed.stop - 1
+            raise UserError(f"--layers {k}: {model} is hierarchical; only its last stage's blocks ({a}..{b}, or "
+                            f"{a - num_blocks}..-1) have the stored tokens' grid and width")
+        out.add(k % num_blocks)
+    return sorted(out)
 
 
 def scales_name(array: str) -> str:

@@ -29,7 +29,7 @@ import zarr
 from zarr.storage import LocalStore
 
 from mimprobe.cache_store.backend import Backend, allocated_bytes, as_str_list, is_url, map_file
-from mimprobe.errors import UserError
+from mimprobe.errors import UserError, first_line
 
 ARRAY_CONFIG = {"write_empty_chunks": True}
 
@@ -94,7 +94,7 @@ def storage_error(path: str, e: BaseException, writing: bool = False) -> UserErr
             kind = "object store error"
     if kind is None:
         return None
-    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    msg = first_line(e)
     after = "; finished chunks are kept: re-run the same command to resume" if writing else ""
     return UserError(f"{path}: {kind} ({msg}); check the bucket name, the endpoint (AWS_ENDPOINT_URL) and the "
                      f"credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE){after}")

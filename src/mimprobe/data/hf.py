@@ -31,7 +31,7 @@ from PIL import Image
 
 from mimprobe.data.images import decode_bytes, load_image
 from mimprobe.data.sources import ImageSource
-from mimprobe.errors import UserError
+from mimprobe.errors import UserError, first_line
 
 log = logging.getLogger("mimprobe")
 
@@ -110,7 +110,7 @@ def _load(where: str, split: str | None, spec: str):
             else:
                 obj = ds_mod.load_dataset(root, cache_dir=cache_dir)
         except (FileNotFoundError, ValueError) as e:
-            raise UserError(f"{spec}: cannot read a dataset from {root} ({str(e).splitlines()[0]}); expected a "
+            raise UserError(f"{spec}: cannot read a dataset from {root} ({first_line(e)}); expected a "
                             "save_to_disk folder or a folder of parquet files") from None
         return (*_pick_split(obj, split, spec), root)
     if os.path.exists(where):
@@ -170,7 +170,7 @@ def _from_hub_cache(ds_mod, repo_id: str, split: str | None, spec: str, cache_di
     try:
         obj = ds_mod.load_dataset(snap, cache_dir=cache_dir)
     except (FileNotFoundError, ValueError) as e:
-        raise UserError(f"{spec}: cannot read the cached snapshot {snap} ({str(e).splitlines()[0]})") from None
+        raise UserError(f"{spec}: cannot read the cached snapshot {snap} ({first_line(e)})") from None
     return _pick_split(obj, split, spec)
 
 

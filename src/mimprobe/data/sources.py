@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from mimprobe.data.images import load_image, to_rgb
-from mimprobe.errors import UserError
+from mimprobe.errors import UserError, first_line
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
@@ -90,9 +90,24 @@ class _TorchvisionSource(ImageSource):
         return f"{self.root} (torchvision {self.extra['torchvision_name']} index {i})"
 
 
+def seeded_rows(n_available: int, seed: int, limit: int | None = None) -> np.ndarray:
+    """Dataset indices in a seeded random permutation (its first ``limit``): row r of a store holds sample
+    ``rows[r]``, and analyses with the same ``--limit`` / ``--seed`` read the same images."""
+    if limit is not None and limit <= 0:
+        raise UserError(f"--limit {limit}: must be positive")
+    perm = np.random.default_rng(seed).permutation(n_available)
+    return perm[:limit] if limit is not None else perm
+
+
 def open_source(spec: str, image_column: str | None = None, label_column: str | None = None) -> ImageSource:
-    """Parse a DATA argument (see the module doc) into an :class:`ImageSource`."""
-    spec = str(spec)
+    """Parse a DATA argument (see the module doc) into an :class:`ImageSource` with at least one sample."""
+    source = _open(str(spec), image_column, label_column)
+    if len(source) == 0:
+        raise UserError(f"{spec}: the dataset is empty")
+    return source
+
+
+def _open(spec: str, image_column: str | None, label_column: str | None) -> ImageSource:
     if spec.startswith("hf:"):
         from mimprobe.data.hf import hf_source
 
@@ -192,7 +207,7 @@ def _torchvision(spec: str) -> ImageSource:
     try:
         ds = cls(root, **kwargs)
     except (RuntimeError, FileNotFoundError, ValueError, OSError) as e:
-        raise UserError(f"{spec}: cannot read {name} from {root} ({str(e).splitlines()[0]}); "
+        raise UserError(f"{spec}: cannot read {name} from {root} ({first_line(e)}); "
                         "mimprobe never downloads: put the dataset there first") from None
     labels = None
     for attr in ("targets", "labels", "_labels", "y", "_targets"):

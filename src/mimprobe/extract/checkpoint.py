@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from mimprobe.errors import UserError
+from mimprobe.errors import UserError, first_line
 
 log = logging.getLogger("mimprobe")
 
@@ -65,11 +65,6 @@ def sha256_file(path: str, block: int = 1 << 24) -> str:
     return h.hexdigest()
 
 
-def _first_line(e: BaseException, limit: int = 120) -> str:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def read_checkpoint(path: str):
     """The object stored in a checkpoint file (a dict of tensors, or the training script's dict around them)."""
     if not os.path.isfile(path):
@@ -94,10 +89,10 @@ def read_checkpoint(path: str):
                             "dict alone once, e.g. torch.save(torch.load(PATH, weights_only=False)['model'], "
                             "'weights.pth')") from None
         raise UserError(f"--checkpoint {path}: cannot be loaded with torch.load(weights_only=True) "
-                        f"({_first_line(e)}): corrupt, or a pickle holding code; re-save its state_dict as "
+                        f"({first_line(e)}): corrupt, or a pickle holding code; re-save its state_dict as "
                         ".safetensors or .pth") from None
     except Exception as e:  # corrupt or truncated files raise many different types
-        raise UserError(f"--checkpoint {path}: unreadable ({type(e).__name__}: {_first_line(e)})") from None
+        raise UserError(f"--checkpoint {path}: unreadable ({type(e).__name__}: {first_line(e)})") from None
 
 
 def _blocking_globals(path: str) -> list[str]:
@@ -247,7 +242,7 @@ def load_into(model: nn.Module, model_name: str, obj, path: str, *, key: str | N
             sd = fn(sd, model)
         except Exception as e:
             raise UserError(f"--checkpoint {path}: does not fit {model_name} ({type(e).__name__}: "
-                            f"{_first_line(e)})") from None
+                            f"{first_line(e)})") from None
     sd = _adapt_after_filter(sd, model)
     mismatched = [f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in sd.items()
                   if k in own and tuple(v.shape) != tuple(own[k].shape)]

@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 
 from mimprobe.data.sources import ImageSource
 from mimprobe.data.transforms import eval_transform, seeded, view_seed, view_transform
+from mimprobe.errors import reason
 
 
 class ExtractDataset(Dataset):
@@ -39,8 +40,7 @@ class ExtractDataset(Dataset):
                 x.append(seeded(self.view_tf, img, view_seed(self.seed, i, v)))
             return {"x": torch.stack(x), "ok": True, "reason": "", "row": row}
         except Exception as e:  # any decode failure: PIL raises OSError, ValueError, SyntaxError, ...
-            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}"
-            return {"x": torch.zeros(self.shape), "ok": False, "reason": reason, "row": row}
+            return {"x": torch.zeros(self.shape), "ok": False, "reason": reason(e), "row": row}
 
 
 @dataclass

@@ -20,13 +20,13 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import mimprobe
-from mimprobe.cache_store.schema import DTYPES, identity_diff
+from mimprobe.cache_store.schema import DTYPES, identity_diff, resolve_layers
 from mimprobe.cache_store.store import TokenStore
 from mimprobe.cache_store.formats import backend_class, infer_format
-from mimprobe.data.sources import open_source
+from mimprobe.data.sources import open_source, seeded_rows
 from mimprobe.distributed import all_gather_object, barrier, broadcast_object, init_distributed, resolve_device, run_on_main
-from mimprobe.errors import UserError
-from mimprobe.fmt import human_bytes
+from mimprobe.errors import UserError, reason
+from mimprobe.units import human_bytes
 from mimprobe.extract.backbone import Backbone, block_tokens, load_backbone
 from mimprobe.extract.dataset import ChunkPlan, ExtractDataset, plan_chunks
 from mimprobe.extract.writer import ChunkWriter
@@ -61,7 +61,7 @@ class ExtractOptions:
 @dataclass
 class ExtractResult:
     path: str
-    status: str  # "complete", "incomplete" (other ranks' chunks pending) or "already complete"
+    status: str  # "complete", "incomplete" (chunks left), "already complete", or "rank done" (a non-zero rank)
     num_samples: int
     rows_this_run: int
     seconds: float
@@ -82,40 +82,15 @@ class ExtractResult:
                 f"({self.images_per_second:.1f} img/s), {self.skipped} skipped")
 
 
-def resolve_layers(layers: list[int], num_blocks: int, allowed: range | None = None, model: str = "the model"
-                   ) -> list[int]:
-    """Python-style block indices → sorted absolute indices, always including the last block. ``allowed``: the
-    blocks whose tokens have the stored shape (a hierarchical model's last stage; default all)."""
-    allowed = range(num_blocks) if allowed is None else allowed
-    out = {num_blocks - 1}
-    for k in layers:
-        if not -num_blocks <= k < num_blocks:
-            raise UserError(f"--layers {k}: the model has {num_blocks} blocks (use 0..{num_blocks - 1} or negative)")
-        if k % num_blocks not in allowed:
-            a, b = allowed.start, allowed.stop - 1
-            raise UserError(f"--layers {k}: {model} is hierarchical; only its last stage's blocks ({a}..{b}, or "
-                            f"{a - num_blocks}..-1) have the stored tokens' grid and width")
-        out.add(k % num_blocks)
-    return sorted(out)
-
-
 def _validate(opts: ExtractOptions) -> None:
     if opts.dtype not in DTYPES:
         raise UserError(f"--dtype {opts.dtype}: choose one of {', '.join(DTYPES)}")
     if opts.batch_size <= 0:
         raise UserError("--batch-size must be positive")
-    if opts.limit is not None and opts.limit <= 0:
-        raise UserError("--limit must be positive")
     if opts.views < 0:
         raise UserError("--views must be >= 0")
     if opts.chunk_rows is not None and opts.chunk_rows <= 0:
         raise UserError("--chunk-rows must be positive")
-
-
-def _rows(n_available: int, seed: int, limit: int | None) -> np.ndarray:
-    """Row r of the store holds dataset sample ``rows[r]``: a seeded permutation (first ``limit`` of it)."""
-    perm = np.random.default_rng(seed).permutation(n_available)
-    return perm[:limit] if limit is not None else perm
 
 
 def _build_attrs(bb: Backbone, source, rows: np.ndarray, opts: ExtractOptions, layers: list[int]) -> dict:
@@ -180,14 +155,14 @@ def _collect_skipped(store: TokenStore, source, rows: np.ndarray, reasons: dict[
     out = []
     for r in np.flatnonzero(~valid & row_done):
         sid = store.sample_ids[r]
-        reason = reasons.get(int(r)) or known.get(sid)
-        if reason is None:
+        why = reasons.get(int(r)) or known.get(sid)
+        if why is None:
             try:
                 source.load(int(rows[r]))
-                reason = "unreadable during extraction"
+                why = "unreadable during extraction"
             except Exception as e:
-                reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}"
-        out.append({"id": sid, "row": int(r), "reason": reason})
+                why = reason(e)
+        out.append({"id": sid, "row": int(r), "reason": why})
     return out
 
 
@@ -204,9 +179,7 @@ def extract(model: str, data: str, store_path: str, opts: ExtractOptions | None 
                         "torchrun")
 
     source = open_source(data, image_column=opts.image_column, label_column=opts.label_column)
-    if len(source) == 0:
-        raise UserError(f"{data}: the dataset is empty")
-    rows = _rows(len(source), opts.seed, opts.limit)
+    rows = seeded_rows(len(source), opts.seed, opts.limit)
     bb = load_backbone(model, checkpoint=opts.checkpoint, checkpoint_key=opts.checkpoint_key,
                        pretrained=opts.pretrained, img_size=opts.img_size, crop_pct=opts.crop_pct)
     layers = resolve_layers(opts.layers, bb.num_blocks, bb.family.layer_blocks(bb.model), model)

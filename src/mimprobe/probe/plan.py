@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from mimprobe.cache_store.schema import resolve_layers
 from mimprobe.cache_store.store import TokenStore, check_compatible
 from mimprobe.distributed import DistContext, init_distributed, resolve_device
 from mimprobe.errors import UserError
@@ -189,10 +190,7 @@ def _blocks(layers: list[int], train: TokenStore) -> tuple[list[str], list[int],
     if not layers:
         return ["tokens"], [last], 0, ""
     nb = last + 1
-    for k in layers:
-        if not -nb <= k < nb:
-            raise UserError(f"--layers {k}: the model has {nb} blocks")
-    blocks = sorted({k % nb for k in layers} | {last})
+    blocks = resolve_layers(layers, nb)
     return [train.block_array(b) for b in blocks], blocks, blocks.index(last), ",".join(str(b - nb) for b in blocks)
 
 

@@ -1,4 +1,4 @@
-"""Small formatting helpers shared by the commands' printed output."""
+"""Human-readable sizes for the commands' printed output."""
 
 
 def human_bytes(n: float) -> str:

@@ -51,8 +51,12 @@ def main() -> None:
     ap.add_argument("--shots", type=int, default=10)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (tiny heads: 1 is fastest)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "probe_defaults.json"))
     a = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(a.threads)
     floors = [int(x) for x in a.floors.split(",")]
     seeds = [int(x) for x in a.seeds.split(",")]
     rows = []

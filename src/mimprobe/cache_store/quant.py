@@ -2,7 +2,7 @@
 
 Why groups: ViT residual streams carry a few "massive activation" channels (values ~30x the rest). A single
 absmax scale per token is set by those channels and leaves ~4 bits for everything else (measured ~16% median
-per-channel error, ../shared/reference/storage.md). One scale per group of ``GROUP`` consecutive channels keeps
+per-channel error, docs/design.md). One scale per group of ``GROUP`` consecutive channels keeps
 an outlier's damage inside its own group.
 
 Guarantee (tested): for every element, ``|x̂ - x| <= amax_g * (1/254 + 2**-11)`` where ``amax_g`` is the

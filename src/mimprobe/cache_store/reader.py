@@ -1,6 +1,6 @@
 """Reading a store for training and evaluation: whole chunks only.
 
-Per-row random reads through zarr/h5py cost a whole chunk each (~40x read amplification, storage.md), so
+Per-row random reads through zarr/h5py cost a whole chunk each (tens of times the bytes, docs/design.md), so
 the streaming reader shuffles *chunks* and then rows inside a buffer of ``buffer_chunks`` chunks. Rows were
 written in a random permutation of the dataset, so such batches are iid. When the selected rows fit in memory,
 :func:`load_rows` reads them once and :class:`InMemoryReader` serves shuffled batches from RAM (or GPU).

@@ -31,7 +31,7 @@ from mimprobe.cache_store import quant
 from mimprobe.errors import UserError
 
 SCHEMA_VERSION = 1
-TARGET_CHUNK_BYTES = 16 * 2**20  # DESIGN.md: chunks of ~8-32 MB, whole samples only
+TARGET_CHUNK_BYTES = 16 * 2**20  # docs/design.md: chunks of ~8-32 MB, whole samples only
 # labels and sample_ids are written once, whole, by the process that creates the store, so they need not follow
 # the token chunks: zarr spends ~0.5 ms per chunk, and ImageNet's 23k token chunks made reading sample_ids 12 s
 INDEX_CHUNK_ROWS = 2**16

@@ -1,6 +1,6 @@
 """zarr v3 backend: a group directory (or an fsspec URL), uncompressed arrays, one object per chunk.
 
-Facts it respects (DESIGN.md, reference/storage.md): ``compressors=None`` (the v3 default zstd costs 2-4x
+Facts it respects (docs/design.md): ``compressors=None`` (the v3 default zstd costs 2-4x
 throughput for ~1.07x on fp16), ``write_empty_chunks=True`` (otherwise all-zero chunks are never written and
 "chunk exists" stops meaning "chunk was written"), strings as the v3 variable-length UTF-8 type, and stray
 ``*.partial`` files of a killed writer removed on resume.

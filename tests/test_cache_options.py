@@ -129,7 +129,6 @@ def test_int8_store_half_size_and_same_accuracy(tmp_path, digits_folders, digits
         recs = run_probe(*paths, ProbeOptions(heads=["linear-mean", "abmilp"], lrs=[3e-3, 1e-2], wds=[1e-4],
                                               epochs=15, min_steps=0, batch_size=64, quiet=True, device="cpu"))
         acc[dtype] = {r["head"]: r["metrics"]["eval_top1"] for r in recs}
-    print(acc, size["int8"] / size["float16"])
     assert size["int8"] / size["float16"] < 0.56
     for head in ("linear-mean", "abmilp"):
         assert abs(acc["int8"][head] - acc["float16"][head]) <= 2 / 450 + 1e-9, (head, acc)  # two test images

@@ -124,7 +124,6 @@ def test_two_rank_probe_matches_single_process(tmp_path):
         device="cpu"))}
     for head in ("linear-mean", "abmilp"):
         a, b = two[head]["metrics"]["eval_top1"], one[head]["metrics"]["eval_top1"]
-        print(head, a, b)
         assert abs(a - b) <= 0.02 + 1e-9, (head, a, b)
         assert two[head]["num_eval"] == one[head]["num_eval"] == 400  # metrics reduced over both ranks
     assert two["abmilp"]["metrics"]["eval_top1"] > 0.9

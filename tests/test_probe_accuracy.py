@@ -42,7 +42,6 @@ def test_default_linear_heads_match_logistic_regression(digits_stores):
         assert r["training"]["optimizer"] == "lbfgs" and r["num_val"] == len(val_rows)
         _, ref = _sklearn(train_p, test_p, r["head_kind"].split("-")[1], fit_rows, val_rows,
                           [10.0 ** e for e in range(-3, 4)])
-        print(r["head"], r["metrics"]["eval_top1"], ref)
         assert ref > 0.5  # the features carry the digits (random-init ViT, real images)
         assert abs(r["metrics"]["eval_top1"] - ref) <= 0.01, (r["head"], r["metrics"]["eval_top1"], ref)
 

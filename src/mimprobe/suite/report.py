@@ -21,7 +21,7 @@ from mimprobe.report.tables import row_key
 from mimprobe.suite.plan import RECORD_FIELD, SuitePlan, base_head
 
 CSV_COLUMNS = ("model", "dataset", "evaluation", "head", "head_kind", "train", "shots", "fraction", "subset", "seed",
-               "top1", "top5", "val_top1", "k", "T", "lr", "wd", "l2", "params", "num_train", "num_eval", "tokens",
+               "top1", "top5", "val_top1", "k", "T", "vote", "lr", "wd", "l2", "params", "num_train", "num_eval", "tokens",
                "views", "selection", "optimizer", "epochs", "protocol", "timm", "weights", "suite", "cell")
 
 
@@ -62,7 +62,7 @@ def csv_rows(plan: SuitePlan, records: list[dict]) -> list[dict]:
             "fraction": c.trainset.value if c.trainset.kind == "fraction" else None,
             "subset": sub.get("file") if c.trainset.kind == "file" else None, "seed": r["seed"],
             "top1": pct(m.get("eval_top1")), "top5": pct(m.get("eval_top5")), "val_top1": pct(m.get("val_top1")),
-            "k": ch.get("k"), "T": ch.get("t"), "lr": ch.get("lr"), "wd": ch.get("wd"), "l2": ch.get("l2"),
+            "k": ch.get("k"), "T": ch.get("t"), "vote": ch.get("vote"), "lr": ch.get("lr"), "wd": ch.get("wd"), "l2": ch.get("l2"),
             "params": r.get("params"), "num_train": r.get("num_train"), "num_eval": r.get("num_eval"),
             "tokens": tokens, "views": views, "selection": selection,
             "optimizer": r.get("training", {}).get("optimizer"), "epochs": r.get("training", {}).get("epochs"),

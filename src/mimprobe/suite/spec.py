@@ -53,8 +53,8 @@ def _float(lo: float | None = None, hi: float | None = None, lo_open=False, hi_o
         v = float(v)
         if v != v or (lo is not None and (v < lo or lo_open and v == lo)) or \
                 (hi is not None and (v > hi or hi_open and v == hi)):
-            rng = f"{'(' if lo_open else '['}{'-inf' if lo is None else f'{lo:g}'}, " \
-                  f"{'inf' if hi is None else f'{hi:g}'}{')' if hi_open else ']'}"
+            rng = f"{'(' if lo_open or lo is None else '['}{'-inf' if lo is None else f'{lo:g}'}, " \
+                  f"{'inf' if hi is None else f'{hi:g}'}{')' if hi_open or hi is None else ']'}"
             raise _Bad(f"{v:g}: must be in {rng}")
         return v
 
@@ -92,10 +92,7 @@ def _list(item, allow_empty=False, unique=False):
             raise _Bad("expected at least one value")
         out = []
         for x in values:
-            try:
-                out.append(item(x))
-            except _Bad as e:
-                raise _Bad(f"item {x!r}: {e}") from None
+            out.append(item(x))
         if unique and len(set(out)) < len(out):
             dup = sorted({x for x in out if out.count(x) > 1}, key=str)
             raise _Bad(f"repeated value(s) {', '.join(map(str, dup))}")

@@ -307,3 +307,53 @@ def test_slurm_scripts(tmp_path, cli):
     assert "srun --nodes=1 --ntasks=1 python -m mimprobe suite" in ev  # the kNN heads' one-process pass
     sub = (jobs / "submit.sh").read_text()
     assert "sbatch --parsable extract.sbatch" in sub and "--dependency=afterok:\"$extract\" evaluate.sbatch" in sub
+
+
+SMALL = """
+name = "dist"
+[extract]
+batch_size = 32
+workers = 0
+chunk_rows = 16
+[[models]]
+name = "tiny"
+timm = "vit_tiny_patch16_224"
+pretrained = false
+img_size = 32
+[[datasets]]
+name = "g"
+train = "demo:train:96"
+eval = "demo:test:32"
+[[evaluations]]
+name = "p"
+heads = ["linear-mean", "knn-mean"]
+lr = [1e-3]
+wd = [5e-4]
+epochs = 1
+min_steps = 5
+"""
+
+
+@pytest.mark.slow
+def test_under_torchrun_every_step_is_distributed_and_knn_is_left_for_one_process(tmp_path):
+    suite = tmp_path / "suite.toml"
+    suite.write_text(SMALL)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                "mimprobe", "suite", str(suite), "--quiet"]
+    r = subprocess.run(torchrun, capture_output=True, text=True, env=ENV)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("[evaluate 1/1]") == 1  # rank 0 speaks
+    assert "kNN heads run in one process: 1 (cell, head) result(s) left" in r.stdout
+    recs = _records(tmp_path / "suite-out" / "results.jsonl")
+    assert [(x["head"], x["world_size"]) for x in recs] == [("linear-mean", 2)]
+    from mimprobe.cache_store import TokenStore
+
+    with TokenStore.open(str(tmp_path / "stores" / "tiny" / "g-train.zarr")) as s:
+        assert s.complete and s.attrs["extraction"]["world_size"] == 2
+    r = subprocess.run([sys.executable, "-m", "mimprobe", "suite", str(suite), "--quiet"], capture_output=True,
+                       text=True, env=ENV)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "0 extraction(s) run, 2 store(s) reused, 1 probe run(s)" in r.stdout
+    recs = _records(tmp_path / "suite-out" / "results.jsonl")
+    assert [(x["head"], x["world_size"]) for x in recs] == [("linear-mean", 2), ("knn-mean", 1)]
+    assert len({x["suite_cell"] for x in recs}) == 1

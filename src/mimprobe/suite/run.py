@@ -3,7 +3,7 @@
 Resuming is layered:
 
 * **Extraction**: ``mimprobe.extract.extract`` itself reuses a complete store with the same identity and resumes
-  an incomplete one. A store the suite has seen complete is recorded in ``OUT/stores.json`` (its definition hash
+  an incomplete one. A store the suite has seen complete is recorded in ``OUT/stores/`` (its definition hash
   and identity attributes), so a re-run does not load every backbone and re-scan every dataset again just to
   find it complete (``--verify`` does).
 * **Evaluations**: one ``run_probe`` call per spec (model × dataset × evaluation × training set) with all its
@@ -124,16 +124,23 @@ def _current_records(plan: SuitePlan) -> list[dict]:
 
 
 # --- extraction ----------------------------------------------------------------------------------------------
-def _markers_path(suite: Suite) -> str:
-    return os.path.join(suite.out, "stores.json")
+def _marker_path(suite: Suite, sp) -> str:
+    """Where the suite notes that it saw a store complete (one file per store: SLURM array tasks write at once)."""
+    return os.path.join(suite.out, "stores", f"{sp.model.name}--{sp.dataset.name}--{sp.split}.json")
 
 
-def _read_markers(suite: Suite) -> dict:
+def _marker(suite: Suite, sp) -> dict:
     try:
-        with open(_markers_path(suite), encoding="utf-8") as f:
+        with open(_marker_path(suite, sp), encoding="utf-8") as f:
             return json.load(f)
     except (OSError, ValueError):
         return {}
+
+
+def _verified(suite: Suite, sp) -> bool:
+    """The store is complete, and a run of this suite saw it complete for the same definition and identity."""
+    return sp.status == "complete" and _marker(suite, sp) == {
+        "path": sp.path, "definition": sp.definition(suite), "fingerprint": sp.fingerprint}
 
 
 def _write_json(path: str, obj) -> None:
@@ -170,9 +177,7 @@ def _extract_all(plan, ctx, store_index, verify, disk_check, quiet, say, outcome
             why = check_disk(sub)
             if why:
                 raise UserError(why)
-        markers = {} if verify else _read_markers(suite)
-        return [sp.index for sp in stores if sp.status == "complete"
-                and markers.get(sp.path) == {"definition": sp.definition(suite), "fingerprint": sp.fingerprint}]
+        return [] if verify else [sp.index for sp in stores if _verified(suite, sp)]
 
     reuse = set(_on_main(ctx, prepare))
     for i, sp in enumerate(stores, 1):
@@ -195,9 +200,8 @@ def _extract_all(plan, ctx, store_index, verify, disk_check, quiet, say, outcome
             say(f"  {res.summary()}")
             read_store(sp)
             if sp.status == "complete":
-                markers = _read_markers(suite)
-                markers[sp.path] = {"definition": sp.definition(suite), "fingerprint": sp.fingerprint}
-                _write_json(_markers_path(suite), markers)
+                _write_json(_marker_path(suite, sp), {"path": sp.path, "definition": sp.definition(suite),
+                                                      "fingerprint": sp.fingerprint})
         outcome.reused += res.status == "already complete"
         outcome.extracted += res.status != "already complete"
 
@@ -239,14 +243,13 @@ def _evaluate_all(plan: SuitePlan, ctx, quiet, say, outcome) -> None:
     suite = plan.suite
 
     def prepare():
-        markers = _read_markers(suite)
         status = {}
         for sp in plan.stores:
             read_store(sp)
             status[sp.index] = sp.status
             if sp.index in outcome.failed_stores:
                 status[sp.index] = "not extracted (failed above)"
-            elif sp.status == "complete" and markers.get(sp.path, {}).get("definition", sp.definition(suite)) \
+            elif sp.status == "complete" and _marker(suite, sp).get("definition", sp.definition(suite)) \
                     != sp.definition(suite):
                 status[sp.index] = "made for another definition of its model or dataset"
         mark_done(plan, load_records(suite.results))

@@ -107,6 +107,8 @@ def test_uninterrupted_run_and_report(finished):
     assert all(r["k"] in ("5", "10") and r["params"] == "0" for r in knn)
     assert all(float(r["T"]) > 0 if r["vote"] == "weighted" else r["vote"] == "majority" for r in knn)
     assert {r["shots"] for r in rows} == {"", "4"}
+    assert {(r["model"], r["num_tokens"], r["dim"]) for r in rows} == {("vit-tiny", "17", "192"),
+                                                                        ("vit-small-int8", "17", "384")}
     assert all(0 <= float(r["top1"]) <= 100 for r in rows)
 
 

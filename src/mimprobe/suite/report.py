@@ -4,8 +4,9 @@
   columns, eval top-1 as mean ± std over seeds, the best of each column in bold (markdown for papers); then the
   protocol-level table of ``mimprobe report`` over the same records;
 * ``DATASET.png``: the same numbers as grouped bars with the std as error bars, one plot per dataset;
-* ``cells.csv``: one row per cell and head (model, dataset, head, shots, seed, top-1, top-5, chosen k and T of
-  kNN, the chosen lr / wd / l2, parameters, protocol, ...), for other tools.
+* ``cells.csv``: one row per cell and head (model, dataset, head, shots, seed, top-1, top-5, the chosen k, T and
+  vote of kNN, the chosen lr / wd / l2, the head's parameters, the store's tokens T and width D, protocol, ...),
+  for other tools.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from mimprobe.report.tables import row_key
 from mimprobe.suite.plan import RECORD_FIELD, SuitePlan, base_head
 
 CSV_COLUMNS = ("model", "dataset", "evaluation", "head", "head_kind", "train", "shots", "fraction", "subset", "seed",
-               "top1", "top5", "val_top1", "k", "T", "vote", "lr", "wd", "l2", "params", "num_train", "num_eval", "tokens",
-               "views", "selection", "optimizer", "epochs", "protocol", "timm", "weights", "suite", "cell")
+               "top1", "top5", "val_top1", "k", "T", "vote", "lr", "wd", "l2", "params", "num_tokens", "dim",
+               "num_train", "num_eval", "tokens", "views", "selection", "optimizer", "epochs", "protocol", "timm",
+               "weights", "suite", "cell")
 
 
 def _order(plan: SuitePlan, records: list[dict]) -> list[dict]:
@@ -55,6 +57,7 @@ def csv_rows(plan: SuitePlan, records: list[dict]) -> list[dict]:
         ch, m, sub = r.get("chosen", {}), r["metrics"], r.get("subset", {})
         _, _, _, _, tokens, views, selection = row_key(r)
         pct = (lambda v: None if v is None else round(100 * v, 6))
+        shape = plan.store(c.model.name, c.dataset.name, "train").shape or (None, None, None)
         rows.append({
             "model": c.model.name, "dataset": c.dataset.name, "evaluation": c.evaluation.name, "head": r["head"],
             "head_kind": r.get("head_kind"), "train": c.trainset.label,
@@ -62,8 +65,10 @@ def csv_rows(plan: SuitePlan, records: list[dict]) -> list[dict]:
             "fraction": c.trainset.value if c.trainset.kind == "fraction" else None,
             "subset": sub.get("file") if c.trainset.kind == "file" else None, "seed": r["seed"],
             "top1": pct(m.get("eval_top1")), "top5": pct(m.get("eval_top5")), "val_top1": pct(m.get("val_top1")),
-            "k": ch.get("k"), "T": ch.get("t"), "vote": ch.get("vote"), "lr": ch.get("lr"), "wd": ch.get("wd"), "l2": ch.get("l2"),
-            "params": r.get("params"), "num_train": r.get("num_train"), "num_eval": r.get("num_eval"),
+            "k": ch.get("k"), "T": ch.get("t"), "vote": ch.get("vote"), "lr": ch.get("lr"), "wd": ch.get("wd"),
+            "l2": ch.get("l2"),
+            "params": r.get("params"), "num_tokens": shape[1], "dim": shape[2], "num_train": r.get("num_train"),
+            "num_eval": r.get("num_eval"),
             "tokens": tokens, "views": views, "selection": selection,
             "optimizer": r.get("training", {}).get("optimizer"), "epochs": r.get("training", {}).get("epochs"),
             "protocol": protocol(r), "timm": r["model"].get("name"), "weights": r["model"].get("weights"),

@@ -62,6 +62,8 @@ def write_slurm(plan: SuitePlan, out_dir: str) -> list[str]:
         lines += _setup(plan) + [f"port=$(({cfg['port']} + SLURM_ARRAY_TASK_ID % 1000))"]
         lines += _torchrun(plan, '--stage extract --store "$SLURM_ARRAY_TASK_ID" --quiet', "$port")
         paths.append(_write(os.path.join(out_dir, "extract.sbatch"), lines))
+    elif os.path.exists(os.path.join(out_dir, "extract.sbatch")):  # from an earlier call: nothing left to extract
+        os.remove(os.path.join(out_dir, "extract.sbatch"))
     lines = _header(plan, "evaluate", out_dir, "evaluate-%j.out")
     lines += ["# every evaluation cell still to do, distributed; then one process for the kNN heads (they do not",
               "# run under torchrun) and the report"]

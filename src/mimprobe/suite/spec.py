@@ -284,7 +284,8 @@ EVAL = {"name": _str, "heads": None, "lr": _list(_float(0, lo_open=True)), "wd":
         "optimizer": None, "warmup_epochs": _float(0), "val_fraction": _float(0, 1, hi_open=True),
         "val_from": _choice("outside", "subset"), "val_max": _int(1), "final_norm": _bool,
         "layers": _list(_int()), "knn_k": _list(_int(1)), "knn_t": _list(_float(0, lo_open=True)),
-        "full": _bool, "shots": _list(_int(1), unique=True), "fractions": _list(_float(0, 1, lo_open=True), unique=True),
+        "full": _bool, "shots": _list(_int(1), unique=True),
+        "fractions": _list(_float(0, 1, lo_open=True, hi_open=True), unique=True),
         "subsets": _list(_str, unique=True), "seeds": _list(_int(0), unique=True),
         "models": _list(_str, unique=True), "datasets": _list(_str, unique=True), "save_heads": _bool}
 

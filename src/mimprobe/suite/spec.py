@@ -331,7 +331,10 @@ def _entries(c: _Collector, raw, section: str) -> list[tuple[str, dict]]:
         return []
     out = []
     for i, t in enumerate(raw, 1):
-        name = t.get("name") if isinstance(t, dict) else None
+        if not isinstance(t, dict):
+            c.add(f"{section}[{i}]", f"expected a [[{section}]] table, got {t!r}")
+            continue
+        name = t.get("name")
         label = f'{section} "{name}"' if isinstance(name, str) and name else f"{section}[{i}]"
         out.append((label, t))
     return out
@@ -343,7 +346,9 @@ def _names(c: _Collector, entries: list[tuple[str, dict]], section: str) -> None
         name = t.get("name")
         if name is None:
             c.add(label, "name: missing (every entry needs a unique name)")
-        elif not isinstance(name, str) or not NAME_RE.match(name):
+        elif not isinstance(name, str):
+            continue  # the entry's own check names the type
+        elif not NAME_RE.match(name):
             c.add(label, f"name {name!r}: use letters, digits and . _ + - (it names stores and files)")
         else:
             seen[name] = seen.get(name, 0) + 1
@@ -581,8 +586,8 @@ def load_suite(path: str) -> Suite:
     e_entries = _entries(c, raw.get("evaluations"), "evaluations")
     for entries, section in ((m_entries, "models"), (d_entries, "datasets"), (e_entries, "evaluations")):
         _names(c, entries, section)
-    model_names = {t.get("name") for _, t in m_entries if isinstance(t, dict)}
-    dataset_names = {t.get("name") for _, t in d_entries if isinstance(t, dict)}
+    model_names = {t.get("name") for _, t in m_entries}
+    dataset_names = {t.get("name") for _, t in d_entries}
     models = [_model(c, label, t, base) for label, t in m_entries]
     datasets = [_dataset(c, label, t, base) for label, t in d_entries]
     evaluations = [_evaluation(c, label, t, base, model_names, dataset_names) for label, t in e_entries]

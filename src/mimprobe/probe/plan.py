@@ -136,7 +136,8 @@ class ProbePlan:
         self.eval.close()
 
 
-def _validate(opts: ProbeOptions) -> None:
+def validate_options(opts: ProbeOptions) -> None:
+    """Every check of the options alone (no store opened): one UserError line for the first problem."""
     if opts.optimizer not in OPTIMIZERS:
         raise UserError(f"--optimizer {opts.optimizer}: choose one of {', '.join(OPTIMIZERS)}")
     if opts.epochs <= 0 or opts.batch_size <= 0 or opts.min_steps < 0:
@@ -268,7 +269,7 @@ def _rows(train: TokenStore, ev: TokenStore, opts: ProbeOptions, ctx: DistContex
 
 
 def make_plan(train_path: str, eval_path: str, opts: ProbeOptions) -> ProbePlan:
-    _validate(opts)
+    validate_options(opts)
     device = resolve_device(opts.device)
     ctx, device = init_distributed(device)
     train = TokenStore.open(train_path)

@@ -15,29 +15,70 @@ import torch
 from torch import nn
 
 from conftest import synthetic_store
+from mimprobe.analysis.heatmap import head_attention, heatmaps
+from mimprobe.cache_store import TokenStore
 from mimprobe.errors import UserError
-from mimprobe.probe import HEADS, create_head
+from mimprobe.probe import HEADS, ProbeOptions, create_head, run_probe
 from mimprobe.probe.heads import parse_spec
+from mimprobe.probe.results import format_table
+from mimprobe.probe.saved import load_head
 
 ALL = ["linear-cls", "linear-mean", "abmilp", "ep", "simpool", "map", "coca", "cait", "max", "gem"]
 
 
-def test_one_probe_run_trains_every_pooler(cli, digits_stores, tmp_path):
-    """The issue's command on a small real-image store (digits through a random-init vit_tiny, D = 192): one pass,
-    one record per head, each with its spec and its trainable parameter count, one table."""
-    train, test = digits_stores
-    out = tmp_path / "r.jsonl"
-    code, stdout, err = cli("probe", train, test, "--head", ",".join(ALL), "--lr", "1e-3", "--wd", "1e-4",
-                            "--epochs", 2, "--min-steps", 0, "--batch-size", 128, "--device", "cpu", "--quiet",
-                            "--out", out)
-    assert code == 0, err
-    recs = [json.loads(line) for line in open(out)]
-    assert [r["head"] for r in recs] == ALL
+@pytest.fixture(scope="module")
+def poolers_run(digits_stores, tmp_path_factory):
+    """The issue's run on a small real-image store (digits through a random-init vit_tiny, D = 192, 2 × 2 patches),
+    plus one ``content=all`` variant, every head saved."""
+    saved = str(tmp_path_factory.mktemp("poolers"))
+    recs = run_probe(*digits_stores, ProbeOptions(heads=ALL + ["cait:content=all"], lrs=[1e-3], wds=[1e-4], epochs=2,
+                                                  min_steps=0, batch_size=128, device="cpu", quiet=True,
+                                                  save_heads=saved))
+    return recs, saved
+
+
+def test_one_probe_run_trains_every_pooler(poolers_run):
+    """One pass: one record per head, each with its spec and its trainable parameter count, one table."""
+    recs, _ = poolers_run
+    assert [r["head"] for r in recs] == ALL + ["cait:content=all"]
+    table = format_table(recs)
     for r in recs:
-        assert r["params"] == create_head(r["head"], dim=192, num_classes=10, grid=(2, 2)).num_parameters()
+        kind, opts = parse_spec(r["head"])
+        assert r["params"] == create_head(kind, dim=192, num_classes=10, grid=(2, 2), **opts).num_parameters()
         assert 0.0 <= r["metrics"]["eval_top1"] <= 1.0
-        assert r["head"] in stdout  # one row each in the one table
+        assert r["head"] in table
     assert max(r["metrics"]["eval_top1"] for r in recs) > 0.5  # the features carry the digits
+
+
+def test_heatmaps_of_every_kind_of_attention(poolers_run, digits_stores, digits_folders, tmp_path, cli):
+    """Mean maps for every head with attention; per-query grids for heads with several queries; the weights of the
+    prefix tokens (content=all) and of CaiT's class token on itself left off the patch map."""
+    _, saved = poolers_run
+    images = digits_folders[1]
+    for key, queries in (("ep", 32), ("map", 8), ("coca", 8), ("simpool", 1), ("cait_content-all", 4)):
+        out = tmp_path / key
+        res = heatmaps(os.path.join(saved, key, "seed0"), images, images=2, out_dir=str(out), per_query=True,
+                       device="cpu")
+        assert res["queries"] == queries and res["num_images"] == 2
+        files = sorted(os.listdir(out))
+        assert len(files) == 3 + (2 if queries > 1 else 0), files
+        for s in res["images"]:
+            assert os.path.isfile(s["png"]) and (queries == 1) == ("queries_png" not in s)
+            assert s["peak"] >= 1.0
+            assert (s["off_patches"] > 1e-3) == key.startswith("cait")  # [cls] (content=all) and itself
+    code, out, err = cli("heatmap", os.path.join(saved, "ep", "seed0"), images, "--images", 1, "--per-query",
+                         "--out", tmp_path / "cli", "--device", "cpu")
+    assert code == 0 and "1 heatmaps + grid.png + 1 per-query grids (32 queries)" in out, err
+    assert len(os.listdir(tmp_path / "cli")) == 3
+    headset, config = load_head(os.path.join(saved, "cait_content-all", "seed0"))
+    head = headset.heads[config["key"]]
+    with TokenStore.open(digits_stores[1]) as s:
+        tokens = s.read_tokens(0, 3, "tokens").unsqueeze(1)
+    with torch.no_grad():
+        w, _ = head_attention(headset, config["key"], tokens, per_query=True)
+        full = head.attention(tokens)[0, :, 0]  # (B, heads, 1 + 4): [cls] and the patches
+    assert w.shape == (3, 4, 4) and torch.allclose(w, full[..., 1:])
+    assert (full.sum(-1) < 1).all()  # the class token's weight on itself is not among the pooled tokens
 
 
 def _load_linear(linear: nn.Linear, w: torch.Tensor, b: torch.Tensor | None = None) -> None:

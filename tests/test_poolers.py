@@ -166,6 +166,18 @@ def test_every_head_declares_its_source_and_what_it_computes():
         assert cls.paper and cls.summary, kind
 
 
+def test_docs_head_table_is_current():
+    """docs/heads.md (merged into the README) holds the table the registry generates: every head, its options,
+    definition, parameter count at D = 768, C = 1000 (EP 1,383,400 as efficient-probing reports) and source."""
+    from mimprobe.probe.heads.catalog import head_table
+
+    doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "heads.md"), encoding="utf-8").read()
+    table = head_table()
+    missing = [line for line in table.splitlines() if line not in doc]
+    assert not missing, "docs/heads.md is stale; regenerate with head_table():\n" + "\n".join(missing)
+    assert "| `ep` |" in table and "(1,383,400)" in table and "| `linear-cls` | — | the [cls] token | 0.77 M (769,000)" in table
+
+
 @pytest.mark.slow
 def test_two_rank_ddp_trains_every_token_pooler(tmp_path):
     """DDP wraps every head of the run: each parameter must get a gradient on every rank (none may be dead)."""

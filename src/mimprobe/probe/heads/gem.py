@@ -11,7 +11,7 @@ from mimprobe.probe.heads.base import GridHead, register
 class MaxPool(GridHead):
     """``z_d = max_n x_nd`` (per dimension, over the tokens) → BN → Linear. No pooling parameters."""
 
-    paper = "global max pooling (e.g. Boureau et al. 2010; the max arm of pooling comparisons)"
+    paper = "global max pooling (Boureau, Ponce, LeCun 2010 compare it with average pooling)"
     summary = "per-dimension maximum over the tokens"
     OPTIONS = {"content": ("patch", ("patch", "all"))}
 

@@ -226,7 +226,7 @@ def _ref_coca(head, x, P):
     """CoCa pooler: LN(queries) → W_q, heads of 64 over one shared key and value projection (64 wide), W_out,
     mean over the queries."""
     t = _pooled_set(head, x, P)
-    B, H = t.shape[0], head.options["heads"]
+    H = head.options["heads"]
     q = F.layer_norm(head.query[0, 0], head.query.shape[-1:], head.ln_w[0, 0], eps=1e-5) @ head.q_w[0, 0]
     q = q.view(-1, H, 64)  # (n, H, 64)
     k, v = t @ head.k_w[0, 0], t @ head.v_w[0, 0]  # (B, N, 64): one head of keys / values for all query heads

@@ -375,7 +375,8 @@ def attention(
 
 @app.command()
 def heatmap(
-    head_dir: str = typer.Argument(..., help="an abmilp / abmilp-gated / attentive head saved by probe --save-heads"),
+    head_dir: str = typer.Argument(..., help="a head with attention weights (abmilp, attentive, ep, simpool, map, "
+                                   "coca, cait, ...) saved by probe --save-heads"),
     data: str = typer.Argument(..., help="images: folder, .csv, torchvision:NAME:ROOT[:SPLIT] or demo"),
     images: int = typer.Option(16, help="a seeded random subset of N images"),
     out: str = typer.Option("heatmaps", help="output directory: one PNG per image + grid.png"),
@@ -384,14 +385,19 @@ def heatmap(
     batch_size: int = typer.Option(32),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     workers: int = typer.Option(0, help="DataLoader decode workers"),
+    per_query: bool = typer.Option(False, "--per-query", help="heads with several queries (ep, map's heads, ...): "
+                                   "also one figure per image with each query's map"),
 ):
-    """Draw where a saved attention-pooling head looks: its weights over the patches, on each image."""
+    """Draw where a saved attention-pooling head looks: its weights over the patches (mean over its queries), on
+    each image."""
     from mimprobe.analysis.heatmap import heatmaps
 
     res = heatmaps(head_dir, data, images=images, out_dir=out, checkpoint=checkpoint, seed=seed,
-                   batch_size=batch_size, device=device, workers=workers)
+                   batch_size=batch_size, device=device, workers=workers, per_query=per_query)
+    extra = (f" + {res['num_images']} per-query grids ({res['queries']} queries)"
+             if per_query and res["queries"] > 1 else "")
     typer.echo(f"{res['head']} ({res['head_kind']}, blocks {','.join(map(str, res['blocks']))}) on {res['model']} "
-               f"({res['weights']}): {res['num_images']} heatmaps + grid.png → {res['out_dir']}")
+               f"({res['weights']}): {res['num_images']} heatmaps + grid.png{extra} → {res['out_dir']}")
 
 
 def main() -> None:

@@ -164,7 +164,9 @@ def verify_store(path: str, fmt: str | None = None, *, quiet: bool = False, work
         backend = bcls.open(path, "r")
         attrs = backend.get_attrs()
     except StoreDamaged as e:
-        rep.unreadable = _what(e) if "is damaged (" in str(e) else str(e).split(": ", 1)[-1].split("; ")[0]
+        msg = str(e)
+        msg = msg[len(path) + 2:] if msg.startswith(path + ": ") else msg
+        rep.unreadable = msg.split("; `mimprobe verify")[0].split("; an HDF5 store")[0]
         rep.damage.append(Damage("metadata", "", rep.unreadable))
         return rep
     try:

@@ -355,9 +355,11 @@ class ZarrBackend(Backend):
             root, dtype, chunks = layout
             return None, root, dtype, chunks
         arr = self.array(name)
-        store = arr.store_path.store
-        if _plain_chunks(arr) and hasattr(store, "fs"):
-            return store.fs, f"{str(store.path).rstrip('/')}/{arr.store_path.path}/c", arr.dtype, arr.chunks
+        if _plain_chunks(arr) and is_url(self.path):
+            if getattr(self, "_sync_fs", None) is None:  # zarr's own filesystem is asynchronous: a synchronous one
+                self._sync_fs = _fsspec(self.path)
+            fs, root = self._sync_fs
+            return fs, f"{root.rstrip('/')}/{name}/c", arr.dtype, arr.chunks
         return None
 
     def chunk_problem(self, name, c):

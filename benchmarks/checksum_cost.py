@@ -21,10 +21,11 @@ load     A: ``load_rows`` (rows into memory; every chunk checked, the default).
 verify   A: ``mimprobe verify`` (``verify_store``): every done chunk read and checksummed, index arrays,
             attributes.
          B: ``cat`` of every file of the same store to /dev/null. Ratio = A bytes/s ÷ B bytes/s over the
-            store's bytes.
+            store's bytes. Twice: page cache warm, and cold (``verify_cold``: before each run of either side the
+            store's pages are dropped with ``posix_fadvise(POSIX_FADV_DONTNEED)``, which needs no root and
+            touches no other file; the eviction is not timed).
 
-Page cache warm for stream / load / verify (every file read once first; the resident fraction is recorded):
-cold reads from disk are not measured (dropping the page cache needs root and disturbs others).
+Page cache warm for stream / load / verify (every file read once first; the resident fraction is recorded).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import torch
@@ -123,24 +125,46 @@ def load_cases(path: str) -> tuple[_bench.Case, _bench.Case]:
         data = gather(parts, [np.arange(len(p)) for p in parts], store.labels, store.codec)
         data.x.contiguous()
 
-    return (_bench.Case("load_rows (checked)", lambda: load_rows(store, rows), units=nbytes, unit="byte"),
+    def checked():
+        load_rows(store, rows)
+
+    return (_bench.Case("load_rows (checked)", checked, units=nbytes, unit="byte"),
             _bench.Case("load_rows copy, unchecked", unchecked, units=nbytes, unit="byte"))
 
 
-def verify_cases(path: str) -> tuple[_bench.Case, _bench.Case]:
+def evict(files: list[str]) -> None:
+    """Drop the files' pages from the page cache (POSIX_FADV_DONTNEED: no root needed, only these files)."""
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def verify_cases(path: str, cold: bool) -> tuple[_bench.Case, _bench.Case]:
+    """``cold``: each run starts with the store's pages evicted (reads come from the disk), eviction not timed."""
     files = _bench._files(path)
     nbytes = _bench.size_of(path)
 
     def run_verify():
+        if cold:
+            evict(files)
         rep = verify_store(path, quiet=True)
         assert rep.ok, rep.verdict()
         return {"seconds": rep.seconds, "bytes_checked": rep.bytes_read}
 
     def run_cat():
+        if cold:
+            evict(files)
+        t0 = time.perf_counter()
         subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)
+        return time.perf_counter() - t0
 
-    return (_bench.Case("mimprobe verify", run_verify, units=nbytes, unit="byte"),
-            _bench.Case("cat > /dev/null", run_cat, units=nbytes, unit="byte"))
+    how = " (cold)" if cold else " (warm)"
+    return (_bench.Case("mimprobe verify" + how, run_verify, units=nbytes, unit="byte"),
+            _bench.Case("cat > /dev/null" + how, run_cat, units=nbytes, unit="byte"))
 
 
 def main(argv=None):
@@ -176,11 +200,15 @@ def main(argv=None):
         store = fx.write_store(os.path.join(tmp, "r.zarr"), tokens, np.arange(args.n) % 10, chunk_rows=args.chunk_rows)
         _bench.warm_page_cache(store)
         for key, (a, b) in (("stream", stream_cases(store, args.batch_size)), ("load", load_cases(store)),
-                            ("verify", verify_cases(store))):
+                            ("verify", verify_cases(store, cold=False))):
             results[key] = _bench.alternate(a, b, reps=args.reps, warmup=args.warmup, label=key)
         resident = _bench.resident_fraction(store)
+        a, b = verify_cases(store, cold=True)
+        results["verify_cold"] = _bench.alternate(a, b, reps=args.reps, warmup=args.warmup, label="verify_cold")
+        results["verify_cold"]["resident_fraction_after_eviction"] = (evict(_bench._files(store)),
+                                                                      _bench.resident_fraction(store))[1]
     for key, r in results.items():
-        print(f"{key:<8} A {r['A']['name']:<34} B {r['B']['name']:<34} A/B {r['ratio']:.3f} "
+        print(f"{key:<11} A {r['A']['name']:<34} B {r['B']['name']:<34} A/B {r['ratio']:.3f} "
               f"(paired median {r['paired_ratio_median']:.3f})")
     headline = results["extract"]["ratio"] if "extract" in results else results["write"]["ratio"]
     _bench.report(NAME, args, headline=headline,

@@ -91,10 +91,10 @@ class Backend(ABC):
         return None
 
     def read_chunk_bytes(self, name: str, c: int, buf: bytearray | None = None) -> memoryview | None:
-        """The stored bytes of chunk ``c`` of ``name`` (a full chunk, padding included), read sequentially into
-        ``buf`` when it is large enough, for ``mimprobe verify``; None when the chunk is not plain bytes in one
-        file or object (then it is read through the library). Raises :class:`~.integrity.ChunkProblem` when
-        the chunk is missing or short."""
+        """The stored bytes of chunk ``c`` of ``name`` (a full chunk, padding included) for ``mimprobe verify``:
+        a read-only mapping of a local file, the object's bytes from object storage, or read into ``buf``; None
+        when the chunk is not plain bytes in one file or object (then it is read through the library). Raises
+        :class:`~.integrity.ChunkProblem` when the chunk is missing or short."""
         return None
 
     def stored_chunks(self, name: str) -> set[int] | None:
@@ -137,6 +137,16 @@ def map_file(path: str, dtype, shape, offset: int = 0) -> np.ndarray:
     with open(path, "rb") as f:
         mm = mmap.mmap(f.fileno(), nbytes + offset - start, flags=flags, prot=mmap.PROT_READ, offset=start)
     return np.frombuffer(mm, dtype=dtype, count=int(np.prod(shape)), offset=offset - start).reshape(shape)
+
+
+def map_bytes(path: str, offset: int, nbytes: int) -> memoryview:
+    """``nbytes`` bytes of ``path`` at ``offset``, mapped read-only with their pages populated (no copy: a
+    checksum runs over the page cache directly). The mapping goes away with the last reference to the view."""
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), nbytes + offset - start, flags=flags, prot=mmap.PROT_READ, offset=start)
+    return memoryview(mm)[offset - start: offset - start + nbytes]
 
 
 def allocated_bytes(path: str) -> int:

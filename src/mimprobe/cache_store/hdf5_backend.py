@@ -14,7 +14,7 @@ import os
 import h5py
 import numpy as np
 
-from mimprobe.cache_store.backend import Backend, allocated_bytes, as_str_list, is_url, map_file
+from mimprobe.cache_store.backend import Backend, allocated_bytes, as_str_list, is_url, map_bytes, map_file
 from mimprobe.cache_store.integrity import ChunkProblem, StoreDamaged, size_problem
 from mimprobe.errors import UserError
 
@@ -157,22 +157,10 @@ class HDF5Backend(Backend):
         off, need = span
         if off < 0:
             raise ChunkProblem("missing: no chunk allocated in the file")
-        if buf is None or len(buf) < need:
-            buf = bytearray(need)
-        view = memoryview(buf)[:need]
-        fd = self._fd()
-        got = 0
-        while got < need:
-            k = os.preadv(fd, [view[got:]], off + got)
-            if k <= 0:
-                raise ChunkProblem(f"short: the file ends {need - got} bytes before its end")
-            got += k
-        return view
-
-    def _fd(self) -> int:
-        if getattr(self, "_rfd", None) is None:
-            self._rfd = os.open(self.path, os.O_RDONLY)
-        return self._rfd
+        problem = self.chunk_problem(name, c)
+        if problem:
+            raise ChunkProblem(problem)
+        return map_bytes(self.path, off, need)
 
     def write_strings(self, name, values):
         self.f[name][:] = np.asarray(values, dtype=object)
@@ -199,9 +187,6 @@ class HDF5Backend(Backend):
         return allocated_bytes(self.path)
 
     def close(self):
-        if getattr(self, "_rfd", None) is not None:
-            os.close(self._rfd)
-            self._rfd = None
         try:
             self.f.close()
         except Exception:  # already closed

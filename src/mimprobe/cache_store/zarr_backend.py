@@ -28,7 +28,7 @@ import numpy as np
 import zarr
 from zarr.storage import LocalStore
 
-from mimprobe.cache_store.backend import Backend, allocated_bytes, as_str_list, is_url, map_file
+from mimprobe.cache_store.backend import Backend, allocated_bytes, as_str_list, is_url, map_bytes, map_file
 from mimprobe.cache_store.integrity import ChunkProblem, StoreDamaged, size_problem
 from mimprobe.errors import UserError
 
@@ -384,25 +384,13 @@ class ZarrBackend(Backend):
         need = int(np.prod(chunks)) * dtype.itemsize
         if fs is None:
             path = _chunk_file(root, chunks, c)
+            problem = self._file_problem(path, need)
+            if problem:
+                raise ChunkProblem(problem)
             try:
-                f = open(path, "rb", buffering=0)
-            except FileNotFoundError:
+                return map_bytes(path, 0, need)
+            except FileNotFoundError:  # removed since
                 raise ChunkProblem("missing") from None
-            with f:
-                size = os.fstat(f.fileno()).st_size
-                problem = size_problem(size, need)
-                if problem:
-                    raise ChunkProblem(problem)
-                if buf is None or len(buf) < need:
-                    buf = bytearray(need)
-                view = memoryview(buf)[:need]
-                got = 0
-                while got < need:
-                    k = f.readinto(view[got:])
-                    if not k:
-                        raise ChunkProblem(f"short: {got} of {need} bytes")
-                    got += k
-                return view
         key = "/".join([root, str(c)] + ["0"] * (len(chunks) - 1))
         try:
             data = _remote(self.path, lambda: fs.cat_file(key))

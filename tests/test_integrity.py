@@ -171,6 +171,18 @@ def test_streamed_errors_from_dataloader_workers_are_one_line(stores, tmp_path, 
     assert code == 2 and "chunk 1 of tokens" in one_error_line(err) and "checksum mismatch" in err
 
 
+def test_predict_refuses_a_damaged_store(stores, tmp_path, cli):
+    heads = tmp_path / "heads"
+    code, out, err = cli("probe", stores["fp16"], stores["eval"], *PROBE, "--save-heads", heads)
+    assert code == 0, err
+    head = os.path.join(heads, "linear-mean", "seed0")
+    assert cli("predict", head, stores["eval"])[0] == 0
+    p = damaged_copy(stores["eval"], tmp_path)
+    flip(chunk_file(p, "tokens", 2))
+    code, out, err = cli("predict", head, p)
+    assert code == 2 and "chunk 2 of tokens" in one_error_line(err) and "checksum mismatch" in err
+
+
 def test_user_error_from_a_worker_keeps_its_one_line():
     from torch._utils import ExceptionWrapper
 

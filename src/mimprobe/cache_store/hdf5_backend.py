@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 
 from mimprobe.cache_store.backend import Backend, allocated_bytes, as_str_list, is_url, map_bytes, map_file
-from mimprobe.cache_store.integrity import ChunkProblem, StoreDamaged, size_problem
+from mimprobe.cache_store.integrity import ChunkProblem, StoreDamaged
 from mimprobe.errors import UserError
 
 ATTRS_KEY = "mimprobe"  # all attributes as one JSON document, readable with plain h5py

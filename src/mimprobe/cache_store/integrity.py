@@ -36,7 +36,7 @@ def crc(a) -> int:
 
 def strings_crc(values) -> int:
     """CRC-32 of strings (``sample_ids``): their UTF-8 bytes, each followed by a NUL."""
-    values = list(values)
+    values = [str(v) for v in values]  # as the store writes them
     return zlib.crc32(("\0".join(values) + ("\0" if values else "")).encode("utf-8"))
 
 

@@ -12,7 +12,7 @@ import torch
 from mimprobe.cache_store import quant
 from mimprobe.cache_store.backend import Backend
 from mimprobe.cache_store.formats import backend_class, infer_format
-from mimprobe.cache_store.integrity import ALGORITHM, StoreDamaged, crc, size_problem, strings_crc
+from mimprobe.cache_store.integrity import ALGORITHM, StoreDamaged, crc, strings_crc
 from mimprobe.cache_store.schema import (
     INDEX_CHUNK_ROWS,
     MODEL_KEYS,
@@ -467,7 +467,13 @@ class TokenStore:
         self.backend.flush()
 
     def read_raw(self, name: str, start: int, stop: int) -> dict[str, np.ndarray]:
-        """Stored arrays of rows ``start:stop`` of one token array: ``{"values": ..., ["scales": ...]}``."""
+        """Stored arrays of rows ``start:stop`` of one token array: ``{"values": ..., ["scales": ...]}``
+        (a missing or short chunk among them raises :class:`StoreDamaged`; no checksums: see :meth:`chunk`)."""
+        for c in range(start // self.chunk_rows, -(-stop // self.chunk_rows)):
+            for arr in [name] + ([scales_name(name)] if self.codec.quantized else []):
+                problem = self.backend.chunk_problem(arr, c)
+                if problem:
+                    raise StoreDamaged.chunk(self.path, arr, c, problem, self.chunk_bounds(c))
         out = {"values": np.asarray(self.backend.array(name)[start:stop])}
         if self.codec.quantized:
             out["scales"] = np.asarray(self.backend.array(scales_name(name))[start:stop])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Optional
 
@@ -73,6 +74,8 @@ def extract(
     views: int = typer.Option(0, help="K augmented training views per image (RandomResizedCrop + flip)"),
     skip_bad: bool = typer.Option(False, help="mark undecodable images invalid and go on"),
     overwrite: bool = typer.Option(False, help="replace a store made with other settings"),
+    repair: bool = typer.Option(False, help="verify the store, then re-extract only its damaged chunks (and "
+                                "rewrite damaged index arrays / metadata); the same command as the original"),
     image_column: Optional[str] = typer.Option(None, help="hf: the image column / wds: the image key, e.g. jpg "
                                                "(default: the Image feature / jpg, jpeg, png, webp)"),
     label_column: Optional[str] = typer.Option(None, help="hf: the label column / wds: the label key (default: the "
@@ -88,7 +91,7 @@ def extract(
         crop_pct=crop_pct, dtype=dtype, format=format, batch_size=batch_size, workers=workers, device=device,
         limit=limit, seed=seed,
         chunk_rows=chunk_rows, layers=_numbers(layers, "--layers"), views=views, skip_bad=skip_bad,
-        overwrite=overwrite, quiet=quiet, image_column=image_column, label_column=label_column,
+        overwrite=overwrite, quiet=quiet, image_column=image_column, label_column=label_column, repair=repair,
     )
     result = run(model, data, store, opts)
     if result.status != "rank done":
@@ -106,6 +109,28 @@ def info(store: str = typer.Argument(..., help="a store made by `mimprobe extrac
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         typer.echo(f"{k:<{width}}  {v}")
+
+
+@app.command()
+def verify(
+    store: str = typer.Argument(..., help="a store made by `mimprobe extract` (DIR.zarr, s3://..., FILE.h5)"),
+    format: Optional[str] = typer.Option(None, "--format", help="zarr | hdf5 (default: from the suffix)"),
+    quiet: bool = typer.Option(False, help="no progress bar"),
+):
+    """Check every done chunk (present, full size, checksum), the index arrays and the attributes.
+    Exit 0: intact; 1: damaged (the damage is listed; `extract ... --repair` fixes it); 2: no store there."""
+    from mimprobe.cache_store.verify import verify_store
+
+    rep = verify_store(store, format, quiet=quiet)
+    typer.echo(rep.verdict())
+    if not rep.ok:
+        shown = [] if rep.unreadable else rep.damage[:50]  # the verdict says it all then
+        for d in shown:
+            typer.echo(f"  {d.line()}")
+        if shown and len(rep.damage) > len(shown):
+            typer.echo(f"  ... and {len(rep.damage) - len(shown)} more")
+        typer.echo(rep.repair_hint())
+        raise typer.Exit(1)
 
 
 class _StderrHandler(logging.Handler):
@@ -164,6 +189,8 @@ def probe(
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     workers: int = typer.Option(0, help="reader processes when streaming"),
     allow_incomplete: bool = typer.Option(False, help="use the finished chunks of incomplete stores"),
+    verify_reads: bool = typer.Option(False, help="check every chunk read against its checksum (streaming too; "
+                                      "chunks loaded into memory are always checked)"),
     out: Optional[str] = typer.Option(None, help="append one JSON line per head and seed to this file"),
     save_heads: Optional[str] = typer.Option(None, help="save each chosen head under this directory"),
     knn_k: Optional[str] = typer.Option(None, help="kNN heads: neighbour counts, comma list (default 10,20,100,200)"),
@@ -181,6 +208,10 @@ def probe(
     from mimprobe.probe.results import format_table
 
     _quiet(quiet)
+    if verify_reads:  # read by every store opened from here on, DataLoader workers included
+        from mimprobe.cache_store.store import VERIFY_READS_ENV
+
+        os.environ[VERIFY_READS_ENV] = "1"
     opts = ProbeOptions(
         heads=_heads(head), lrs=_numbers(lr, "--lr", float), wds=_numbers(wd, "--wd", float),
         l2=_numbers(l2, "--l2", float), epochs=epochs, min_steps=min_steps, batch_size=batch_size,

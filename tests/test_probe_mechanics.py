@@ -217,7 +217,7 @@ def test_linear_heads_on_pooled_features_equal_the_token_path(tmp_path):
 
 
 def test_head_specs_from_the_command_line():
-    from mimprobe.cli import _heads
+    from mimprobe.cli.app import _heads
     from mimprobe.probe.heads import parse_spec, spec_key
 
     assert _heads(["linear-cls,abmilp:depth=2,act=tanh", "attentive"]) == [

@@ -4,7 +4,8 @@ file: extraction, evaluation cells with keys (resumable, never duplicated), and 
 from mimprobe.suite.plan import SuitePlan, make_plan
 from mimprobe.suite.run import STAGES, SuiteOutcome, dry_run, run_suite
 from mimprobe.suite.slurm import write_slurm
-from mimprobe.suite.spec import Suite, SuiteInvalid, load_suite
+from mimprobe.suite.parse import load_suite
+from mimprobe.suite.spec import Suite, SuiteInvalid
 
 __all__ = ["STAGES", "Suite", "SuiteInvalid", "SuiteOutcome", "SuitePlan", "dry_run", "load_suite", "make_plan",
            "run_suite", "write_slurm"]

@@ -14,7 +14,7 @@ import os
 import h5py
 import numpy as np
 
-from mimprobe.cache_store.backend import Backend, allocated_bytes, as_str_list, is_url, map_file
+from mimprobe.cache_store.backend import Backend, allocated_bytes, as_str_list, is_url
 from mimprobe.errors import UserError
 
 ATTRS_KEY = "mimprobe"  # all attributes as one JSON document, readable with plain h5py
@@ -105,12 +105,12 @@ class HDF5Backend(Backend):
             self._raw[name] = (ds.dtype, ds.chunks, offsets) if plain else None
         return self._raw[name]
 
-    def raw_chunk(self, name, c):
+    def raw_chunk_file(self, name, c):
         layout = self._raw_layout(name)
         if layout is None or layout[2][c] < 0:
             return None
         dtype, chunks, offsets = layout
-        return map_file(self.path, dtype, chunks, offset=int(offsets[c]))
+        return self.path, int(offsets[c]), dtype, tuple(chunks)
 
     def write_strings(self, name, values):
         self.f[name][:] = np.asarray(values, dtype=object)

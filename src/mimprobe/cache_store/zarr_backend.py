@@ -28,7 +28,7 @@ import numpy as np
 import zarr
 from zarr.storage import LocalStore
 
-from mimprobe.cache_store.backend import Backend, allocated_bytes, as_str_list, is_url, map_file
+from mimprobe.cache_store.backend import Backend, allocated_bytes, as_str_list, is_url
 from mimprobe.errors import UserError
 
 ARRAY_CONFIG = {"write_empty_chunks": True}
@@ -266,15 +266,18 @@ class ZarrBackend(Backend):
                                if plain else None)
         return self._raw[name]
 
-    def raw_chunk(self, name, c):
+    def raw_chunk_file(self, name, c):
         layout = self._raw_layout(name)
         if layout is None:
             return None
         root, dtype, chunks = layout
         path = _chunk_file(root, chunks, c)
-        if not os.path.isfile(path) or os.path.getsize(path) != int(np.prod(chunks)) * dtype.itemsize:
+        try:
+            if os.path.getsize(path) != int(np.prod(chunks)) * dtype.itemsize:
+                return None
+        except OSError:  # never written
             return None
-        return map_file(path, dtype, chunks)
+        return path, 0, dtype, tuple(chunks)
 
     def read_strings(self, name, start=0, stop=None):
         return as_str_list(self.group[name][start:stop])

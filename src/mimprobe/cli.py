@@ -59,6 +59,9 @@ def extract(
     layers: Optional[str] = typer.Option(None, help="more blocks to store, Python-style, e.g. -4,-8"),
     views: int = typer.Option(0, help="K augmented training views per image (RandomResizedCrop + flip)"),
     skip_bad: bool = typer.Option(False, help="mark undecodable images invalid and go on"),
+    decode: str = typer.Option("pil", help="pil: timm's own preprocessing (exact) | draft: large JPEGs decoded "
+                               "at reduced size (faster, inexact) | gpu: JPEGs decoded on the device (inexact); "
+                               "inexact choices are recorded in the store"),
     overwrite: bool = typer.Option(False, help="replace a store made with other settings"),
     image_column: Optional[str] = typer.Option(None, help="hf: the image column / wds: the image key, e.g. jpg "
                                                "(default: the Image feature / jpg, jpeg, png, webp)"),
@@ -75,7 +78,7 @@ def extract(
         crop_pct=crop_pct, dtype=dtype, format=format, batch_size=batch_size, workers=workers, device=device,
         limit=limit, seed=seed,
         chunk_rows=chunk_rows, layers=_numbers(layers, "--layers"), views=views, skip_bad=skip_bad,
-        overwrite=overwrite, quiet=quiet, image_column=image_column, label_column=label_column,
+        overwrite=overwrite, quiet=quiet, image_column=image_column, label_column=label_column, decode=decode,
     )
     result = run(model, data, store, opts)
     if result.status != "rank done":

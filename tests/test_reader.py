@@ -193,3 +193,14 @@ def test_willneed_announces_plain_chunks(store):
     loc = s.backend.raw_chunk_file("tokens", s.num_chunks - 1)
     assert loc is not None and loc[3][0] == 16
     s.close()
+
+
+def test_two_passes_at_once_do_not_share_the_ring(store):
+    feed = _feeder(store, prefetch=1, batch_size=8)
+    outer = iter(feed)
+    first = next(outer)
+    rows = first.rows.clone()
+    inner = [b.rows.clone() for b in feed]  # a whole second pass while the first holds a batch
+    assert torch.equal(first.x[:, 0, 0, 0].long(), rows) and len(inner) == feed.num_batches()
+    rest = [b for b in outer]
+    assert len(rest) == feed.num_batches() - 1

@@ -67,6 +67,7 @@ class Feeder:
         self.prefetch, self.persistent_workers, self.use_ring = max(0, prefetch), persistent_workers, ring
         self._loader = None
         self._ring: list[dict] | None = None
+        self._ring_busy = False
         self.codec = store.codec
         self.pooled = False  # batches are tokens (B, L, T, D), not pooled features
         self.read_seconds = 0.0
@@ -147,6 +148,10 @@ class Feeder:
         return iter(self._loader)
 
     def _slots(self, n: int) -> list[dict]:
+        """The ring's ``n`` slots (kept across epochs); a second pass running at the same time as one that holds
+        the ring gets slots of its own."""
+        if self._ring_busy:
+            return [{} for _ in range(n)]
         if self._ring is None or len(self._ring) != n:
             self._ring = [{} for _ in range(n)]
         return self._ring
@@ -170,11 +175,20 @@ class Feeder:
     def _stream(self):
         """Batches of one epoch in the main process; with ``prefetch`` > 0 a thread reads up to ``prefetch``
         batches ahead into a ring of ``prefetch + 1`` slots (see the module doc for who owns a slot when)."""
+        slots = self._slots(self.prefetch + 1)
+        owner = not self._ring_busy
+        self._ring_busy = True
+        try:
+            yield from self._fill(slots)
+        finally:
+            if owner:
+                self._ring_busy = False
+
+    def _fill(self, slots: list[dict]):
         if self.prefetch == 0:
-            alloc = self._slot_alloc(self._slots(1)[0])  # one slot: refilled when the next batch is asked for
+            alloc = self._slot_alloc(slots[0])  # one slot: refilled when the next batch is asked for
             yield from ((b, None) for b in self.reader.batches(alloc))
             return
-        slots = self._slots(self.prefetch + 1)
         free: queue.Queue = queue.Queue()
         for i in range(len(slots)):
             free.put(i)

@@ -93,6 +93,7 @@ def feeder_case(path: str, fmt: str, batch_size: int, name: str, **settings) -> 
     nbytes = store.num_samples * store.num_tokens * store.dim * store.codec.storage_dtype.itemsize
     feed = Feeder(store, rows, batch_size, device=torch.device("cpu"), blocks=["tokens"], shuffle=True, seed=0,
                   in_memory=False, **settings)
+    feed.reader.keep_maps = False  # as for a store larger than RAM (kept maps would also keep its pages cached)
     epoch = [0]
 
     def run():

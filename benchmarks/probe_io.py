@@ -41,8 +41,11 @@ TARGET = (">=", 0.9)
 
 def _feeder(store, batch_size, **settings):
     settings.setdefault("in_memory", False)
-    return Feeder(store, np.arange(store.num_samples), batch_size, device=torch.device(settings.pop("device", "cpu")),
+    feed = Feeder(store, np.arange(store.num_samples), batch_size, device=torch.device(settings.pop("device", "cpu")),
                   blocks=["tokens"], shuffle=True, seed=0, **settings)
+    if not feed.in_memory:
+        feed.reader.keep_maps = False  # as for a store larger than RAM (kept maps would also keep its pages cached)
+    return feed
 
 
 def train_case(path: str, head: str, batch_size: int, name: str, device: str, **settings) -> _bench.Case:

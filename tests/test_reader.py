@@ -204,3 +204,21 @@ def test_two_passes_at_once_do_not_share_the_ring(store):
     assert torch.equal(first.x[:, 0, 0, 0].long(), rows) and len(inner) == feed.num_batches()
     rest = [b for b in outer]
     assert len(rest) == feed.num_batches() - 1
+
+
+def test_kept_maps_give_the_same_epochs(store):
+    """Chunk maps kept across epochs (the default for a store this small) read the same bytes as maps made
+    afresh; each epoch still shuffles anew."""
+    epochs = {}
+    for keep in (True, False):
+        r = ChunkShuffleReader(store, np.arange(203), 10, seed=2, keep_maps=keep)
+        got = []
+        for e in range(2):
+            r.set_epoch(e)
+            got.append([(b.rows.clone(), b.x.clone()) for b in r.batches()])
+        assert bool(r._state[4]) == keep  # the maps really were kept (or not)
+        epochs[keep] = got
+    for a, b in zip(epochs[True], epochs[False]):
+        assert all(torch.equal(x1, x2) and torch.equal(r1, r2) for (r1, x1), (r2, x2) in zip(a, b))
+    assert not torch.equal(epochs[True][0][0][0], epochs[True][1][0][0])
+    assert ChunkShuffleReader(store, np.arange(203), 10)._keep_maps(TokenStore.open(store), 13)

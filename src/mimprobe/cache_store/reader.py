@@ -244,7 +244,10 @@ class ChunkShuffleReader(IterableDataset):
     batch (measured 7-14 % slower warm, equal cold: benchmarks/read_path.py, cold_read.py). Either way each
     byte is copied once, from the page cache into the batch. ``readahead`` buffers ahead, the chunks the
     pass will read next are handed to the kernel with ``posix_fadvise(WILLNEED)`` so that a cold store is read
-    from disk while the current buffer is gathered and trained on (0: off).
+    from disk while the current buffer is gathered and trained on (0: off); a buffer's announcement waits until
+    the buffer before it is mapped, so it never competes with the reads the reader is waiting for. Chunk maps
+    are kept from one epoch to the next where that is safe (``keep_maps="auto"``: a small store that stays in
+    the page cache; see :meth:`_keep_maps`): mapping a chunk afresh each epoch cost ~10 % warm.
 
     The epoch lives in shared memory, so DataLoader workers that persist across epochs
     (``persistent_workers=True``) see :meth:`set_epoch` and shuffle each epoch anew. The store is opened once
@@ -254,7 +257,7 @@ class ChunkShuffleReader(IterableDataset):
     def __init__(self, path: str, rows: np.ndarray, batch_size: int, *, fmt: str | None = None,
                  blocks: list[str] | None = None, shuffle: bool = True, seed: int = 0, epoch: int = 0,
                  buffer_chunks: int = 16, drop_last: bool = False, rank: int = 0, world: int = 1,
-                 views: int = 0, io: str = "mmap", readahead: int = 1, keep_maps: bool = False):
+                 views: int = 0, io: str = "mmap", readahead: int = 1, keep_maps: bool | str = "auto"):
         if io not in IO_MODES:
             raise ValueError(f"io={io!r}: choose one of {IO_MODES}")
         self.path, self.fmt = str(path), fmt
@@ -305,6 +308,24 @@ class ChunkShuffleReader(IterableDataset):
             self._state = (os.getpid(), store, store.labels, _rows_by_chunk(self.rows, store.chunk_rows), {})
         return self._state[1:]
 
+    def _keep_maps(self, store: TokenStore, n_chunks: int) -> bool:
+        """Whether chunk maps are kept across epochs: ``keep_maps``, or with ``"auto"`` only where that is
+        safe and pays: ``io="mmap"``, at most 2048 maps (the kernel allows ~65k per process) and what they map at
+        most a quarter of RAM (a store that stays in the page cache anyway; a kept map keeps its pages from
+        being dropped with ``posix_fadvise``)."""
+        if self.keep_maps != "auto":
+            return bool(self.keep_maps)
+        if self.io != "mmap":
+            return False
+        arrays = len(self.blocks) * (2 if store.codec.quantized else 1) * max(1, self.views)
+        nbytes = n_chunks * store.chunk_rows * store.codec.bytes_per_row(store.num_tokens, store.dim) \
+            * len(self.blocks) * max(1, self.views)
+        try:
+            ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError):
+            return False
+        return n_chunks * arrays <= 2048 and nbytes <= ram // 4
+
     def close(self) -> None:
         if self._state is not None and self._state[0] == os.getpid():
             self._state[1].close()
@@ -331,19 +352,19 @@ class ChunkShuffleReader(IterableDataset):
             if self.shuffle else None
         codec, bs, nb = store.codec, self.batch_size, self.buffer_chunks
         files = _Files()
-        if not self.keep_maps:
+        if not self._keep_maps(store, len(order)):
             maps = None
         parts: list[ChunkRows] = []
         pool = np.empty((0, 2), dtype=np.int64)  # (part index, position in part) of rows not yet yielded
         try:
-            if self.readahead:
+            if self.readahead:  # the first `readahead` buffers: all their chunks requested at once
                 willneed(store, order[:nb * self.readahead], self.blocks)
             for start in range(0, len(order), nb):
-                if self.readahead:  # the buffer `readahead` ahead of this one
-                    ahead = start + nb * self.readahead
-                    willneed(store, order[ahead:ahead + nb], self.blocks)
                 new = [ChunkRows(store, c, by_chunk[c], self._arrays(c, epoch), self.io, files, maps)
                        for c in order[start:start + nb]]
+                if self.readahead:  # once this buffer is in (mapped), the buffer `readahead` ahead of it
+                    ahead = start + nb * self.readahead
+                    willneed(store, order[ahead:ahead + nb], self.blocks)
                 keep = np.unique(pool[:, 0])  # drop parts whose rows were all yielded
                 for i in np.setdiff1d(np.arange(len(parts)), keep):
                     parts[i].close()

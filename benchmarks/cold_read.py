@@ -9,6 +9,8 @@ A: one epoch of the trainer's streaming path — one ``Feeder(in_memory=False)``
    (``set_epoch``), chunk order and rows shuffled — counting the token bytes of the batches it yields.
 B: ``cat`` of the same files (the chunk files in chunk order, or the HDF5 file) to ``/dev/null``: the
    sequential read speed of the disk and file system for these files.
+The reader's own split of the last streamed epoch is recorded too: seconds spent mapping chunks (waiting for
+the disk when cold) and copying rows into batches.
 Ratio = A bytes/s ÷ B bytes/s (B counts the bytes of the files it read; the HDF5 file and partial last chunks
 hold a little more than the payload, which favours A by < 1 %). Stores: zarr and HDF5 × chunk sizes (default
 16, 64 and 256 rows of 197×384 fp16 = 2.4, 9.7 and 39 MB). Headline: the lowest ratio over the stores at the
@@ -106,7 +108,8 @@ def feeder_case(path: str, fmt: str, batch_size: int, name: str, **settings) -> 
         for b in feed:
             got += b.x.numel() * b.x.element_size()
         assert got == nbytes, (got, nbytes)
-        return time.perf_counter() - t0
+        wall = time.perf_counter() - t0
+        return {"seconds": wall, **{k: round(v, 4) for k, v in feed.reader.stats.items()}}
 
     return _bench.Case(name, run, units=nbytes, unit="byte")
 
@@ -180,6 +183,12 @@ def main(argv=None):
         print(f"{r['format']:<5} chunk {r['chunk_rows']:>4} ({r['chunk_bytes'] / 2**20:5.1f} MiB): "
               f"streamed {r['A']['byte_per_s'] / 1e9:6.2f} GB/s  cat {r['B']['byte_per_s'] / 1e9:6.2f} GB/s  "
               f"ratio {r['ratio']:.3f} (paired median {r['paired_ratio_median']:.3f})")
+    for r in results:
+        info = r["A"]["info"] or {}
+        if "map_seconds" in info:
+            print(f"  {r['format']} c{r['chunk_rows']} last streamed epoch {r['A']['seconds'][-1]:.2f} s: mapping chunks "
+                  f"(waiting for the disk) {info['map_seconds']:.2f} s, copying rows into batches "
+                  f"{info['gather_seconds']:.2f} s (reader thread)")
     for r in ablations:
         print(f"cold default ÷ {r['mechanism']:<24} {r['ratio']:.3f} (paired median "
               f"{r['paired_ratio_median']:.3f}; default {r['A']['byte_per_s'] / 1e9:.2f} GB/s, changed "

@@ -12,6 +12,7 @@ decodes them to float32 on its device.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -272,6 +273,9 @@ class ChunkShuffleReader(IterableDataset):
         self.views = views
         self.io, self.readahead, self.keep_maps = io, max(0, readahead), keep_maps
         self._state = None  # (pid, store, labels, rows by chunk, kept chunk maps): per process
+        # seconds of the last pass spent mapping chunks (waiting for the disk when cold) and copying rows into
+        # batches: where a pass's time goes (benchmarks/cold_read.py reports it)
+        self.stats = {"map_seconds": 0.0, "gather_seconds": 0.0}
 
     @property
     def epoch(self) -> int:
@@ -359,9 +363,12 @@ class ChunkShuffleReader(IterableDataset):
         try:
             if self.readahead:  # the first `readahead` buffers: all their chunks requested at once
                 willneed(store, order[:nb * self.readahead], self.blocks)
+            stats = self.stats = {"map_seconds": 0.0, "gather_seconds": 0.0}
             for start in range(0, len(order), nb):
+                t0 = time.perf_counter()
                 new = [ChunkRows(store, c, by_chunk[c], self._arrays(c, epoch), self.io, files, maps)
                        for c in order[start:start + nb]]
+                stats["map_seconds"] += time.perf_counter() - t0
                 if self.readahead:  # once this buffer is in (mapped), the buffer `readahead` ahead of it
                     ahead = start + nb * self.readahead
                     willneed(store, order[ahead:ahead + nb], self.blocks)
@@ -383,7 +390,10 @@ class ChunkShuffleReader(IterableDataset):
                     sel = sel[np.argsort(sel[:, 0], kind="stable")]  # group by chunk: one take per chunk
                     cuts = np.flatnonzero(np.diff(sel[:, 0])) + 1
                     groups = np.split(sel, cuts)
-                    yield gather([parts[g[0, 0]] for g in groups], [g[:, 1] for g in groups], labels, codec, alloc)
+                    t0 = time.perf_counter()
+                    b = gather([parts[g[0, 0]] for g in groups], [g[:, 1] for g in groups], labels, codec, alloc)
+                    stats["gather_seconds"] += time.perf_counter() - t0
+                    yield b
                 pool = pool[n_out:]
         finally:
             for p in parts:

@@ -9,8 +9,9 @@ A: one epoch of the trainer's streaming path — one ``Feeder(in_memory=False)``
    (``set_epoch``), chunk order and rows shuffled — counting the token bytes of the batches it yields.
 B: ``cat`` of the same files (the chunk files in chunk order, or the HDF5 file) to ``/dev/null``: the
    sequential read speed of the disk and file system for these files.
-The reader's own split of the last streamed epoch is recorded too: seconds spent mapping chunks (waiting for
-the disk when cold) and copying rows into batches.
+Also: ``cat`` of the zarr chunk files in a shuffled order ÷ in order (what the shuffled order costs the disk
+itself). The reader's own split of the last streamed epoch is recorded too: seconds spent mapping chunks (waiting for
+the disk when cold), copying rows into batches, and announcing the next chunks (``WILLNEED``).
 Ratio = A bytes/s ÷ B bytes/s (B counts the bytes of the files it read; the HDF5 file and partial last chunks
 hold a little more than the payload, which favours A by < 1 %). Stores: zarr and HDF5 × chunk sizes (default
 16, 64 and 256 rows of 197×384 fp16 = 2.4, 9.7 and 39 MB). Headline: the lowest ratio over the stores at the
@@ -165,6 +166,18 @@ def main(argv=None):
                        resident_after_evict={"A": log_a, "B": log_b}, load=_bench.load_now(),
                        resident_after_B=_bench.resident_fraction(files))
             results.append(res)
+        order_cost = None
+        zs = [s for s in stores if s[0] == "zarr" and s[1] == args.headline_chunk]
+        if zs:  # how much of the gap is the shuffled chunk order itself: cat in a shuffled order vs in order
+            files = store_files(zs[0][2])
+            shuffled = [files[i] for i in np.random.default_rng(0).permutation(len(files))]
+            la, lb = [], []
+            a = cold(cat_case(shuffled), files, la)
+            a.name = "cat, chunks in a shuffled order"
+            b = cold(cat_case(files), files, lb)
+            order_cost = _bench.alternate(a, b, reps=args.reps, warmup=args.warmup, ratio="rate",
+                                          label=f"zarr c{zs[0][1]}: cat shuffled vs in order")
+            order_cost.update(load=_bench.load_now())
         if args.ablate:
             fmt, c, path = next((s for s in stores if s[1] == args.headline_chunk), stores[0])
             files = store_files(path)
@@ -188,7 +201,11 @@ def main(argv=None):
         if "map_seconds" in info:
             print(f"  {r['format']} c{r['chunk_rows']} last streamed epoch {r['A']['seconds'][-1]:.2f} s: mapping chunks "
                   f"(waiting for the disk) {info['map_seconds']:.2f} s, copying rows into batches "
-                  f"{info['gather_seconds']:.2f} s (reader thread)")
+                  f"{info['gather_seconds']:.2f} s, announcing chunks (WILLNEED) {info['announce_seconds']:.2f} s "
+                  f"(reader thread)")
+    if order_cost:
+        print(f"cat of the zarr chunk files in a shuffled order ÷ in order: {order_cost['ratio']:.3f} (paired median "
+              f"{order_cost['paired_ratio_median']:.3f}): what the shuffled chunk order costs the disk itself")
     for r in ablations:
         print(f"cold default ÷ {r['mechanism']:<24} {r['ratio']:.3f} (paired median "
               f"{r['paired_ratio_median']:.3f}; default {r['A']['byte_per_s'] / 1e9:.2f} GB/s, changed "
@@ -204,7 +221,8 @@ def main(argv=None):
         ra = {}
     _bench.report(NAME, args, headline=headline,
                   headline_name=f"min streamed/cat bytes-per-second ratio, cold, chunk {args.headline_chunk}",
-                  target=TARGET, results={"comparisons": results, "ablations": ablations, "block_device": ra},
+                  target=TARGET, results={"comparisons": results, "ablations": ablations, "block_device": ra,
+                           "shuffled_order_cat": order_cost},
                   page_cache="cold: every file of the store dropped with posix_fadvise(DONTNEED) before each run "
                              "(resident fraction after dropping recorded per run)",
                   load_before=load0,

@@ -19,8 +19,8 @@ what it keeps across epochs (ring buffers, reader thread, persistent workers, th
 the first store (zarr, first chunk size): the default Feeder against the same Feeder with one mechanism
 changed back — ``io=pread`` (one ``pread`` per row into the batch) instead of copying rows out of a map of
 each chunk; each chunk mapped afresh every epoch instead of the maps kept (``keep_maps="auto"`` keeps them for
-a store this small); a fresh output buffer per batch instead of the ring; no reader thread (``prefetch=0``); no ``WILLNEED`` read-ahead; and the reader as it was before issue 21
-(all of these at once). With ``--workers N`` > 0 it compares persistent against per-epoch workers.
+a store this small); a fresh output buffer per batch instead of the ring; no reader thread (``prefetch=0``);
+no ``WILLNEED`` read-ahead; and the reader as it was before issue 21 (all of these at once). With ``--workers N`` > 0 it compares persistent against per-epoch workers.
 """
 
 from __future__ import annotations

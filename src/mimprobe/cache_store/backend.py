@@ -73,12 +73,22 @@ class Backend(ABC):
     def set_attrs(self, attrs: dict) -> None:
         """Replace the JSON attributes (only one process may call this)."""
 
-    def raw_chunk(self, name: str, c: int):
-        """A read-only ``np.memmap`` of chunk ``c`` of array ``name`` (its full chunk shape) when the chunk is
-        stored uncompressed in a local file, else None (then read through the library). Readers use it to copy
-        rows straight from the page cache into a batch, once. Only chunks that were written are asked for: a
-        chunk file that is missing or shorter than a chunk raises :class:`~.integrity.StoreDamaged`."""
+    def raw_chunk_file(self, name: str, c: int) -> tuple[str, int, np.dtype, tuple] | None:
+        """(file, byte offset, dtype, chunk shape) of chunk ``c`` of array ``name`` when the chunk is stored as
+        plain C-order bytes in a local file, else None. Readers ``pread`` rows from there straight into a batch
+        (one copy from the page cache) and ``posix_fadvise(WILLNEED)`` the chunks they will read next."""
         return None
+
+    def raw_chunk(self, name: str, c: int):
+        """A read-only memory map of chunk ``c`` of array ``name`` (its full chunk shape) when the chunk is
+        stored uncompressed in a local file (see :meth:`raw_chunk_file`), else None (then read through the
+        library). Only chunks that were written are asked for: a chunk file that is missing or shorter than a
+        chunk raises :class:`~.integrity.StoreDamaged`."""
+        loc = self.raw_chunk_file(name, c)
+        if loc is None:
+            return None
+        path, offset, dtype, chunks = loc
+        return map_file(path, dtype, chunks, offset=offset)
 
     def chunk_path(self, name: str, c: int) -> str | None:
         """The local file that holds chunk ``c`` of ``name`` (None when not a local file)."""

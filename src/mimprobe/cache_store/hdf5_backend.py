@@ -14,7 +14,7 @@ import os
 import h5py
 import numpy as np
 
-from mimprobe.cache_store.backend import Backend, allocated_bytes, as_str_list, is_url, map_bytes, map_file
+from mimprobe.cache_store.backend import Backend, allocated_bytes, as_str_list, is_url, map_bytes
 from mimprobe.cache_store.integrity import ChunkProblem, StoreDamaged
 from mimprobe.errors import UserError, first_line
 
@@ -119,7 +119,7 @@ class HDF5Backend(Backend):
             self._raw[name] = (ds.dtype, ds.chunks, offsets) if plain else None
         return self._raw[name]
 
-    def raw_chunk(self, name, c):
+    def raw_chunk_file(self, name, c):
         layout = self._raw_layout(name)
         if layout is None:
             return None
@@ -127,7 +127,7 @@ class HDF5Backend(Backend):
         if problem:  # mapping bytes past the end of the file would kill the process (SIGBUS) when read
             raise StoreDamaged.chunk(self.path, name, c, problem, self.chunk_rows_of(name, c))
         dtype, chunks, offsets = layout
-        return map_file(self.path, dtype, chunks, offset=int(offsets[c]))
+        return self.path, int(offsets[c]), dtype, tuple(chunks)
 
     def chunk_path(self, name, c):
         return self.path

@@ -28,7 +28,7 @@ import numpy as np
 import zarr
 from zarr.storage import LocalStore
 
-from mimprobe.cache_store.backend import Backend, allocated_bytes, as_str_list, is_url, map_bytes, map_file
+from mimprobe.cache_store.backend import Backend, allocated_bytes, as_str_list, is_url, map_bytes
 from mimprobe.cache_store.integrity import ChunkProblem, StoreDamaged, size_problem
 from mimprobe.errors import UserError, first_line, reason
 
@@ -319,16 +319,16 @@ class ZarrBackend(Backend):
                                if plain else None)
         return self._raw[name]
 
-    def raw_chunk(self, name, c):
+    def raw_chunk_file(self, name, c):
         layout = self._raw_layout(name)
         if layout is None:
             return None
         root, dtype, chunks = layout
         path = _chunk_file(root, chunks, c)
         problem = self._file_problem(path, int(np.prod(chunks)) * dtype.itemsize)
-        if problem:
+        if problem:  # mapping bytes past the end of a file would kill the process (SIGBUS) when read
             raise StoreDamaged.chunk(self.path, name, c, problem, self.chunk_rows_of(name, c))
-        return map_file(path, dtype, chunks)
+        return path, 0, dtype, tuple(chunks)
 
     def chunk_path(self, name, c):
         layout = self._raw_layout(name)

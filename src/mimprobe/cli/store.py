@@ -34,6 +34,9 @@ def extract(
     layers: Optional[str] = typer.Option(None, help="more blocks to store, Python-style, e.g. -4,-8"),
     views: int = typer.Option(0, help="K augmented training views per image (RandomResizedCrop + flip)"),
     skip_bad: bool = typer.Option(False, help="mark undecodable images invalid and go on"),
+    decode: str = typer.Option("pil", help="pil: timm's own preprocessing (exact) | draft: large JPEGs decoded "
+                               "at reduced size (faster, inexact) | gpu: JPEGs decoded on the device (inexact); "
+                               "inexact choices are recorded in the store"),
     overwrite: bool = typer.Option(False, help="replace a store made with other settings"),
     repair: bool = typer.Option(False, help="verify the store, then re-extract only its damaged chunks (and "
                                 "rewrite damaged index arrays / metadata); the same command as the original"),
@@ -52,7 +55,8 @@ def extract(
         crop_pct=crop_pct, dtype=dtype, format=format, batch_size=batch_size, workers=workers, device=device,
         limit=limit, seed=seed,
         chunk_rows=chunk_rows, layers=_numbers(layers, "--layers"), views=views, skip_bad=skip_bad,
-        overwrite=overwrite, quiet=quiet, image_column=image_column, label_column=label_column, repair=repair,
+        overwrite=overwrite, quiet=quiet, image_column=image_column, label_column=label_column, decode=decode,
+        repair=repair,
     )
     result = run(model, data, store, opts)
     if result.status != "rank done":

@@ -52,6 +52,14 @@ class ImageSource:
     def load(self, i: int) -> Image.Image:
         return load_image(os.path.join(self.root, self.ids[i]))
 
+    def read_bytes(self, i: int) -> bytes | None:
+        """The encoded file of sample ``i`` (for decoding elsewhere, e.g. on the GPU), or None where this
+        source only hands out decoded images (then :meth:`load` it)."""
+        if type(self).load is not ImageSource.load:  # a subclass that loads its own way
+            return None
+        with open(os.path.join(self.root, self.ids[i]), "rb") as f:
+            return f.read()
+
     def locate(self, i: int) -> str:
         """Where sample ``i`` comes from, for error messages."""
         return os.path.join(self.root, self.ids[i])

@@ -28,7 +28,8 @@ from mimprobe.distributed import all_gather_object, barrier, broadcast_object, i
 from mimprobe.errors import UserError, reason
 from mimprobe.units import human_bytes
 from mimprobe.extract.backbone import Backbone, block_tokens, load_backbone
-from mimprobe.extract.dataset import ChunkPlan, ExtractDataset, plan_chunks
+from mimprobe.data.transforms import DECODE_MODES
+from mimprobe.extract.dataset import ChunkPlan, ExtractDataset, plan_chunks, preprocessing_attrs
 from mimprobe.extract.writer import ChunkWriter
 
 log = logging.getLogger("mimprobe")
@@ -47,6 +48,7 @@ class ExtractOptions:
     workers: int | None = None
     device: str = "auto"
     limit: int | None = None
+    decode: str = "pil"  # pil (exact, timm's preprocessing) | draft | gpu (see mimprobe.data.transforms)
     seed: int = 0
     chunk_rows: int | None = None
     layers: list[int] = field(default_factory=list)
@@ -95,6 +97,11 @@ def _validate(opts: ExtractOptions) -> None:
         raise UserError("--batch-size must be positive")
     if opts.views < 0:
         raise UserError("--views must be >= 0")
+    if opts.decode not in DECODE_MODES:
+        raise UserError(f"--decode {opts.decode}: choose one of {', '.join(DECODE_MODES)}")
+    if opts.decode == "gpu" and opts.views:
+        raise UserError("--decode gpu does not make --views (training views are drawn on the CPU); use "
+                        "--decode pil with --views")
     if opts.chunk_rows is not None and opts.chunk_rows <= 0:
         raise UserError("--chunk-rows must be positive")
     if opts.repair and opts.overwrite:
@@ -108,7 +115,7 @@ def _build_attrs(bb: Backbone, source, rows: np.ndarray, opts: ExtractOptions, l
         "tool": "mimprobe",
         "tool_version": mimprobe.__version__,
         "model": bb.info,
-        "preprocessing": bb.data_config,
+        "preprocessing": preprocessing_attrs(bb.data_config, opts.decode),
         "dataset": ds,
         "layers": layers,
         "views": opts.views,
@@ -346,7 +353,7 @@ def extract(model: str, data: str, store_path: str, opts: ExtractOptions | None 
     store.close()  # re-opened for writing once the decode workers exist, so they never inherit its handle
     bb.model.to(device)
     t0 = time.perf_counter()
-    dataset = ExtractDataset(source, rows, bb.data_config, views=opts.views, seed=opts.seed)
+    dataset = ExtractDataset(source, rows, bb.data_config, views=opts.views, seed=opts.seed, decode=opts.decode)
     n_rows, reasons = extract_chunks(store_path, plan, bb, dataset, opts, layers, device, fmt=fmt,
                                      locate=lambda r: source.locate(int(rows[r])))
     seconds = time.perf_counter() - t0
@@ -388,6 +395,7 @@ def extract_chunks(path: str, plan: ChunkPlan, bb: Backbone, dataset, opts: Extr
     workers = opts.workers if opts.workers is not None else min(8, os.cpu_count() or 1)
     loader = DataLoader(
         dataset, batch_sampler=plan.batches, num_workers=workers, pin_memory=device.type == "cuda",
+        collate_fn=getattr(dataset, "collate", None),
         prefetch_factor=4 if workers > 0 else None, persistent_workers=False,
     )
     last = bb.num_blocks - 1
@@ -407,6 +415,9 @@ def extract_chunks(path: str, plan: ChunkPlan, bb: Backbone, dataset, opts: Extr
     try:
         with torch.inference_mode():
             for batch in batch_iter:
+                # model inputs on the device (``--decode gpu`` decodes here and may mark images unreadable)
+                x = dataset.to_device(batch, device) if hasattr(dataset, "to_device") else \
+                    batch["x"].to(device, non_blocking=True)
                 ok = batch["ok"].numpy().astype(bool)
                 if not ok.all():
                     for r, good, why in zip(batch["row"].tolist(), ok, batch["reason"]):
@@ -418,7 +429,6 @@ def extract_chunks(path: str, plan: ChunkPlan, bb: Backbone, dataset, opts: Extr
                                     f"{locate(r)}: cannot decode image ({why}); fix or remove "
                                     f"it, or re-run with --skip-bad ({n_done} finished chunks are kept)")
                             reasons[int(r)] = why
-                x = batch["x"].to(device, non_blocking=True)
                 b, v = x.shape[:2]
                 with autocast:
                     outs = block_tokens(bb.model, x.flatten(0, 1), layers)

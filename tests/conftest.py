@@ -179,3 +179,53 @@ def one_line_error(code, err, *needles) -> str:
     for n in needles:
         assert n in lines[0], lines[0]
     return lines[0]
+
+
+S3_BUCKET = "mimprobe-test"
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A moto S3 server on 127.0.0.1 (a free port), its bucket, and the environment that points s3fs at it (one per
+    session: moto keeps its buckets in process-wide state, so a second server would see the first one's)."""
+    s3fs = pytest.importorskip("s3fs")
+    moto_server = pytest.importorskip("moto.server")
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    mp = pytest.MonkeyPatch()
+    for k, v in env.items():
+        mp.setenv(k, v)
+    mp.delenv("AWS_PROFILE", raising=False)
+    mp.setenv("MIMPROBE_CACHE", str(tmp_path_factory.mktemp("cache")))
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.mkdir(S3_BUCKET)
+    yield {"fs": fs, "env": dict(os.environ)}
+    mp.undo()
+    close_s3_sessions(fs)
+    server.stop()
+
+
+def close_s3_sessions(*extra):
+    """Close the HTTP sessions of the s3fs instances this process made (else aiohttp complains about them at
+    exit, after pytest's summary line)."""
+    import s3fs
+
+    for fs in [*extra, *s3fs.S3FileSystem._cache.values()]:
+        if getattr(fs, "_s3", None) is not None:
+            s3fs.S3FileSystem.close_session(fs.loop, fs._s3)
+    s3fs.S3FileSystem.clear_instance_cache()
+    import gc
+
+    import aiohttp
+
+    gc.collect()
+    for obj in gc.get_objects():  # sessions of clients s3fs replaced while retrying
+        if type(obj) is aiohttp.ClientSession and obj._connector is not None and not obj._connector.closed:
+            obj._connector._close()

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY, synthetic_store
+from conftest import S3_BUCKET, TINY, synthetic_store
 from mimprobe.cache_store import TokenStore
 from mimprobe.cache_store.integrity import StoreDamaged, crc
 
@@ -337,43 +337,24 @@ def test_rerun_without_repair_finishes_a_store_that_lost_done_flags(ref_store, t
 
 
 # --- object storage -------------------------------------------------------------------------------------------
-def test_s3_store_verify_and_refusal(stores, tmp_path, cli):
+def test_s3_store_verify_and_refusal(stores, tmp_path, cli, s3):
     """A store in S3 (moto's server): verify reads every object, names a deleted and a corrupted one; a streamed
     probe refuses each in one line."""
-    pytest.importorskip("s3fs")
-    pytest.importorskip("moto.server")
-    import test_s3
-
-    gen = test_s3.s3.__wrapped__(tmp_path_factory=_Factory(tmp_path))
-    env = next(gen)
-    fs = env["fs"]
-    try:
-        url = f"s3://{test_s3.BUCKET}/integrity.zarr"
-        fs.put(stores["fp16"], url[len("s3://"):], recursive=True)
-        code, out, err = cli("verify", url, "--quiet")
-        assert code == 0 and ": OK: 8/8 chunks done" in out, (out, err)
-        fs.rm(f"{test_s3.BUCKET}/integrity.zarr/tokens/c/3/0/0")
-        key = f"{test_s3.BUCKET}/integrity.zarr/tokens/c/5/0/0"
-        data = bytearray(fs.cat_file(key))
-        data[40] ^= 0xFF
-        fs.pipe_file(key, bytes(data))
-        fs.invalidate_cache()
-        code, out, err = cli("verify", url, "--quiet")
-        assert code == 1 and "tokens chunk 3 (rows 24-31): missing" in out
-        assert "tokens chunk 5 (rows 40-47): checksum mismatch" in out
-        code, out, err = cli("info", url)
-        assert "NO: DAMAGED (tokens chunk 3: missing)" in out
-        code, out, err = cli("probe", url, stores["eval"], *PROBE, "--stream")
-        assert code == 2 and "damaged" in one_error_line(err)
-    finally:
-        next(gen, None)
-
-
-class _Factory:
-    def __init__(self, root):
-        self.root = root
-
-    def mktemp(self, name):
-        p = self.root / name
-        p.mkdir()
-        return p
+    fs = s3["fs"]
+    url = f"s3://{S3_BUCKET}/integrity.zarr"
+    fs.put(stores["fp16"], url[len("s3://"):], recursive=True)
+    code, out, err = cli("verify", url, "--quiet")
+    assert code == 0 and ": OK: 8/8 chunks done" in out, (out, err)
+    fs.rm(f"{S3_BUCKET}/integrity.zarr/tokens/c/3/0/0")
+    key = f"{S3_BUCKET}/integrity.zarr/tokens/c/5/0/0"
+    data = bytearray(fs.cat_file(key))
+    data[40] ^= 0xFF
+    fs.pipe_file(key, bytes(data))
+    fs.invalidate_cache()
+    code, out, err = cli("verify", url, "--quiet")
+    assert code == 1 and "tokens chunk 3 (rows 24-31): missing" in out
+    assert "tokens chunk 5 (rows 40-47): checksum mismatch" in out
+    code, out, err = cli("info", url)
+    assert "NO: DAMAGED (tokens chunk 3: missing)" in out
+    code, out, err = cli("probe", url, stores["eval"], *PROBE, "--stream")
+    assert code == 2 and "damaged" in one_error_line(err)

@@ -4,7 +4,6 @@ one, probe streaming from it; a missing bucket or an unreachable endpoint is one
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import socket
@@ -15,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import TINY, one_line_error, write_image_folder
+from conftest import S3_BUCKET as BUCKET, TINY, close_s3_sessions as _close_sessions, one_line_error, write_image_folder
 from mimprobe.cache_store import TokenStore
 from mimprobe.extract import ExtractOptions, extract
 
@@ -23,49 +22,8 @@ s3fs = pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
 pytest.importorskip("webdataset")
 
-BUCKET = "mimprobe-test"
 
 IMG = 128  # 64 patches: slow enough to be killed mid-run
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """A moto S3 server on 127.0.0.1 (a free port), its bucket, and the environment that points s3fs at it."""
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
-    mp = pytest.MonkeyPatch()
-    for k, v in env.items():
-        mp.setenv(k, v)
-    mp.delenv("AWS_PROFILE", raising=False)
-    mp.setenv("MIMPROBE_CACHE", str(tmp_path_factory.mktemp("cache")))
-    s3fs.S3FileSystem.clear_instance_cache()
-    fs = s3fs.S3FileSystem(skip_instance_cache=True)
-    fs.mkdir(BUCKET)
-    yield {"fs": fs, "env": dict(os.environ)}
-    mp.undo()
-    _close_sessions(fs)
-    server.stop()
-
-
-def _close_sessions(*extra):
-    """Close the HTTP sessions of the s3fs instances this process made (else aiohttp complains about them at
-    exit, after pytest's summary line)."""
-    for fs in [*extra, *s3fs.S3FileSystem._cache.values()]:
-        if getattr(fs, "_s3", None) is not None:
-            s3fs.S3FileSystem.close_session(fs.loop, fs._s3)
-    s3fs.S3FileSystem.clear_instance_cache()
-    import gc
-
-    import aiohttp
-
-    gc.collect()
-    for obj in gc.get_objects():  # sessions of clients s3fs replaced while retrying
-        if type(obj) is aiohttp.ClientSession and obj._connector is not None and not obj._connector.closed:
-            obj._connector._close()
 
 
 def _cmd(data, store, ckpt):

@@ -12,7 +12,7 @@ if [ -z "$py" ]; then
     if [ -x "$root/.venv/bin/python" ]; then py="$root/.venv/bin/python"; else py=python3; fi
 fi
 mkdir -p "$here/results"
-benches=(extract_efficiency read_path cheap_experiments sweep_amortization storage linear_vs_sklearn knn)
+benches=(extract_efficiency read_path cheap_experiments sweep_amortization storage linear_vs_sklearn knn checksum_cost)
 declare -A ratio
 failed=0
 for b in "${benches[@]}"; do

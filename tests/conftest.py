@@ -167,3 +167,15 @@ def one_token_task(n, seed, T=33, D=32, C=4):
     x[torch.arange(n), pos] = protos[y] + torch.randn(n, D, generator=g) * 0.5
     x[torch.arange(n), pos, -1] = 6.0  # the marker that a selective pooling can find
     return x, y.numpy()
+
+
+def one_line_error(code, err, *needles) -> str:
+    """A user error as the command line reports it: exit code 2, no traceback, one ``error:`` line holding every
+    needle. Returns that line."""
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, err
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 
+from conftest import one_line_error
 from mimprobe.cache_store import TokenStore
 from mimprobe.probe import ProbeOptions, run_probe
 from mimprobe.probe import subsets
@@ -69,5 +70,4 @@ def test_knn_errors(digits_stores, cli, tmp_path):
     for extra, expect in ((["--knn-k", "0"], "--knn-k"), (["--pool-from", str(tmp_path)], "not a saved head"),
                           (["--memory", "lots"], "--memory")):
         code, _, err = cli("probe", train_p, test_p, "--head", "knn-mean", *extra, "--quiet")
-        lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
-        assert code == 2 and len(lines) == 1 and expect in lines[0], err
+        one_line_error(code, err, expect)

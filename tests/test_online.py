@@ -16,6 +16,7 @@ from conftest import TINY, write_image_folder
 from mimprobe.cache_store import TokenStore
 from mimprobe.errors import UserError
 from mimprobe.extract import ExtractOptions, extract
+from mimprobe.probe import HEADS as REGISTERED
 from mimprobe.probe import ProbeOptions, run_probe
 from mimprobe.probe.plan import make_plan
 from mimprobe.probe.online import OnlineFeeder
@@ -51,9 +52,9 @@ def _by_head(records):
     return {r["head"]: r for r in records}
 
 
-@pytest.mark.parametrize("heads", [HEADS, ["linear-cls", "linear-mean"]], ids=["tokens", "pooled-once"])
+@pytest.mark.parametrize("heads", [list(REGISTERED), ["linear-cls", "linear-mean"]], ids=["every-head", "pooled-once"])
 def test_no_augment_equals_the_center_crop_cache(data, heads):
-    """Token heads, and linear heads alone (the cached run then trains on features pooled once)."""
+    """Every registered head, and linear heads alone (the cached run then trains on features pooled once)."""
     folder, train, test = data
     cached = _by_head(run_probe(train, test, _opts(heads=heads)))
     online = _by_head(run_probe(train, test, _opts(heads=heads, online=folder, online_augment=False)))

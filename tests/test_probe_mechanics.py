@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import synthetic_store
+from conftest import one_line_error, synthetic_store
 from mimprobe.cache_store import TokenStore
 from mimprobe.errors import UserError
 from mimprobe.probe import ProbeOptions, run_probe
@@ -162,8 +162,7 @@ def test_probe_errors(tmp_path, stores, cli):
     ]
     for (a, b), extra, expect in cases:
         code, out, err = cli("probe", a, b, *extra, "--epochs", "1", "--min-steps", "0", "--quiet")
-        lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
-        assert code == 2 and len(lines) == 1 and expect in lines[0], (expect, err)
+        one_line_error(code, err, expect)
     code, out, err = cli("probe", inc, stores[1], "--allow-incomplete", "--epochs", "1", "--head", "linear-mean",
                          "--quiet")
     assert code == 0, err
@@ -218,7 +217,7 @@ def test_linear_heads_on_pooled_features_equal_the_token_path(tmp_path):
 
 
 def test_head_specs_from_the_command_line():
-    from mimprobe.cli import _heads
+    from mimprobe.cli.app import _heads
     from mimprobe.probe.heads import parse_spec, spec_key
 
     assert _heads(["linear-cls,abmilp:depth=2,act=tanh", "attentive"]) == [

@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import TINY, write_image_folder
+from conftest import TINY, one_line_error, write_image_folder
 from mimprobe.cache_store import TokenStore
 from mimprobe.extract import ExtractOptions, extract
 
@@ -128,20 +128,11 @@ def test_s3_extract_kill_resume_probe(s3, tmp_path, tiny_ckpt, cli):
     assert "linear-cls" in out
 
 
-def _one_line(code, err, *needles):
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, err
-    for n in needles:
-        assert n in lines[0], lines[0]
-
-
 def test_s3_missing_bucket_or_store(s3, cli, tmp_path, tiny_ckpt, image_folder):
     args = ["--checkpoint", tiny_ckpt, "--img-size", "32", "--workers", "0", "--quiet"]
-    _one_line(*cli("extract", TINY, image_folder, "s3://no-such-bucket/s.zarr", *args)[::2],
+    one_line_error(*cli("extract", TINY, image_folder, "s3://no-such-bucket/s.zarr", *args)[::2],
               "s3://no-such-bucket/s.zarr", "no such bucket", "AWS_ENDPOINT_URL")
-    _one_line(*cli("probe", f"s3://{BUCKET}/absent.zarr", f"s3://{BUCKET}/absent.zarr")[::2], "no such store")
+    one_line_error(*cli("probe", f"s3://{BUCKET}/absent.zarr", f"s3://{BUCKET}/absent.zarr")[::2], "no such store")
     # a store made, then its bucket prefix holds it: info works, nothing else was written
     code, out, err = cli("extract", TINY, image_folder, f"s3://{BUCKET}/small.zarr", *args)
     assert code == 0 and "complete, 24 samples" in out, err
@@ -158,10 +149,10 @@ def test_s3_unreachable_endpoint(s3, cli, monkeypatch, tmp_path, tiny_ckpt, imag
     _close_sessions()
     try:
         t0 = time.time()
-        _one_line(*cli("extract", TINY, image_folder, f"s3://{BUCKET}/u.zarr", "--checkpoint", tiny_ckpt,
+        one_line_error(*cli("extract", TINY, image_folder, f"s3://{BUCKET}/u.zarr", "--checkpoint", tiny_ckpt,
                        "--img-size", "32", "--workers", "0", "--quiet")[::2], "cannot reach the endpoint",
                   f"127.0.0.1:{port}")
-        _one_line(*cli("info", f"s3://{BUCKET}/u.zarr")[::2], "cannot reach the endpoint")
+        one_line_error(*cli("info", f"s3://{BUCKET}/u.zarr")[::2], "cannot reach the endpoint")
         assert time.time() - t0 < 60
     finally:
         _close_sessions()

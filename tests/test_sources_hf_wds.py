@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import TINY, write_image_folder
+from conftest import TINY, one_line_error, write_image_folder
 from mimprobe.cache_store import TokenStore
 from mimprobe.data import open_source
 from mimprobe.errors import UserError
@@ -183,16 +183,6 @@ def test_wds_labels_without_classnames_and_duplicate_keys(folder, tmp_path):
 
 # --- bad input: one clear line each, nothing lost ------------------------------------------------------------
 
-def _one_line(code, err, *needles):
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, err
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
-
-
 @pytest.fixture(scope="module")
 def bad_parquet(folder, tmp_path_factory):
     rows, feats = hf_rows(folder)
@@ -205,12 +195,12 @@ def bad_parquet(folder, tmp_path_factory):
 def test_hf_bad_columns_and_hub_id(cli, bad_parquet, tmp_path, tiny_ckpt):
     base = ["extract", TINY, f"hf:{bad_parquet}", str(tmp_path / "x.zarr"), "--checkpoint", tiny_ckpt,
             "--img-size", "32", "--workers", "0", "--quiet"]
-    _one_line(*cli(*base, "--image-column", "picture")[::2], "no column 'picture'", "--image-column")
-    _one_line(*cli(*base, "--label-column", "image")[::2], "label column 'image' holds image", "--label-column")
-    _one_line(*cli(*base, "--image-column", "label")[::2], "not images")
-    _one_line(*cli("extract", TINY, "hf:nobody/nothing:train", str(tmp_path / "y.zarr"))[::2],
+    one_line_error(*cli(*base, "--image-column", "picture")[::2], "no column 'picture'", "--image-column")
+    one_line_error(*cli(*base, "--label-column", "image")[::2], "label column 'image' holds image", "--label-column")
+    one_line_error(*cli(*base, "--image-column", "label")[::2], "not images")
+    one_line_error(*cli("extract", TINY, "hf:nobody/nothing:train", str(tmp_path / "y.zarr"))[::2],
               "not in the local Hugging Face cache", "never downloads")
-    _one_line(*cli("extract", TINY, f"hf:{bad_parquet}:test", str(tmp_path / "y.zarr"))[::2], "no split 'test'")
+    one_line_error(*cli("extract", TINY, f"hf:{bad_parquet}:test", str(tmp_path / "y.zarr"))[::2], "no split 'test'")
     assert not os.path.exists(tmp_path / "x.zarr") and not os.path.exists(tmp_path / "y.zarr")
 
 
@@ -218,7 +208,7 @@ def test_undecodable_image_in_parquet(cli, bad_parquet, tmp_path, tiny_ckpt):
     store = str(tmp_path / "bad.zarr")
     base = ["extract", TINY, f"hf:{bad_parquet}", store, "--checkpoint", tiny_ckpt, "--img-size", "32",
             "--workers", "0", "--quiet", "--chunk-rows", "4", "--batch-size", "4"]
-    line = _one_line(*cli(*base)[::2], "cannot decode image", "--skip-bad", "a/img003.png")
+    line = one_line_error(*cli(*base)[::2], "cannot decode image", "--skip-bad", "a/img003.png")
     assert "finished chunks are kept" in line
     code, out, err = cli(*base, "--skip-bad")
     assert code == 0, err
@@ -236,7 +226,7 @@ def test_wds_truncated_shard_and_undecodable_member(cli, folder, tmp_path, tiny_
     open(last, "wb").write(data[: len(data) // 2])  # a copy interrupted half way
     base = ["extract", TINY, f"wds:{pattern}", str(tmp_path / "t.zarr"), "--checkpoint", tiny_ckpt,
             "--img-size", "32", "--workers", "0", "--quiet"]
-    _one_line(*cli(*base)[::2], "train-0001.tar", "truncated")
+    one_line_error(*cli(*base)[::2], "train-0001.tar", "truncated")
     assert not os.path.exists(tmp_path / "t.zarr")
 
     # an undecodable member: recorded and skipped with --skip-bad
@@ -252,14 +242,14 @@ def test_wds_truncated_shard_and_undecodable_member(cli, folder, tmp_path, tiny_
     store = str(tmp_path / "b.zarr")
     base = ["extract", TINY, f"wds:{out}/s-0.tar", store, "--checkpoint", tiny_ckpt, "--img-size", "32",
             "--workers", "0", "--quiet", "--chunk-rows", "5"]
-    _one_line(*cli(*base)[::2], "s-0.tar: a/", "cannot decode image", "--skip-bad")
+    one_line_error(*cli(*base)[::2], "s-0.tar: a/", "cannot decode image", "--skip-bad")
     code, _, err = cli(*base, "--skip-bad")
     assert code == 0, err
     s = TokenStore.open(store)
     assert s.complete and {e["id"] for e in s.attrs["skipped"]} == {"a/img002", "a/nothing"}
     assert "no image member" in {e["id"]: e["reason"] for e in s.attrs["skipped"]}["a/nothing"]
-    _one_line(*cli(*base, "--image-column", "webp")[::2], "no sample has an image member", "--image-column")
-    _one_line(*cli(*base, "--label-column", "label")[::2], "no sample has a .label member")
+    one_line_error(*cli(*base, "--image-column", "webp")[::2], "no sample has an image member", "--image-column")
+    one_line_error(*cli(*base, "--label-column", "label")[::2], "no sample has a .label member")
 
 
 def test_missing_extras_say_what_to_install(monkeypatch, tmp_path):

@@ -201,9 +201,9 @@ def main() -> None:
     if jsonl.is_file():
         for line in jsonl.read_text().splitlines():
             r = json.loads(line)
-            done.add((model_of(r), protocol_of(r)))
+            done.add((model_of(r), protocol_of(r), r["head"]))
 
-    probe_common = ["--head", ",".join(heads), "--optimizer", "adamw", "--lr", args.lr, "--wd", args.wd,
+    probe_common = ["--optimizer", "adamw", "--lr", args.lr, "--wd", args.wd,
                     "--epochs", str(args.epochs), "--min-steps", "0", "--batch-size", str(args.batch_size),
                     "--seeds", args.seeds, "--in-memory", "--device", "cpu", "--out", str(jsonl), "--quiet"]
     for m in args.models.split(","):
@@ -225,14 +225,17 @@ def main() -> None:
             paths[f"views{k}+center"] = stores / f"{m}_train_views{k}c.zarr"
             with_center_store(str(paths[f"views{k}"]), str(paths[f"views{k}+center"]))
         for proto in protocols:
-            if (m, proto) in done:
+            todo = [h for h in heads if (m, proto, h) not in done]  # a head added later runs on its own
+            if not todo:
                 log(f"{m} {proto}: already in {jsonl.name}")
                 continue
             train = paths["center"] if proto in ("center", "online") else paths[proto]
             extra = ["--online", str(train_dir), "--workers", str(args.workers)] if proto == "online" else []
             t0_load = load()
-            secs = run(mim + ["probe", str(train), str(paths["test"]), *probe_common, *extra], env)
-            runs["probe"][f"{m}/{proto}"] = {"seconds": secs, "load_before": t0_load, "load_after": load()}
+            secs = run(mim + ["probe", str(train), str(paths["test"]), "--head", ",".join(todo), *probe_common,
+                              *extra], env)
+            key = f"{m}/{proto}" if len(todo) == len(heads) else f"{m}/{proto}@{','.join(todo)}"
+            runs["probe"][key] = {"seconds": secs, "load_before": t0_load, "load_after": load(), "heads": todo}
             save_runs()
     save_runs()
     records = [json.loads(line) for line in jsonl.read_text().splitlines()]

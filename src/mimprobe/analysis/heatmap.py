@@ -1,11 +1,15 @@
-"""Where a saved AbMILP / gated AbMILP / attentive head looks: its weights over patch tokens, on the image.
+"""Where a saved attention-pooling head looks (any head with attention weights: abmilp, attentive, ep, simpool, map,
+coca, cait, ...): its weights over the patch tokens, on the image.
 
 For image x the backbone the head was trained on gives the tokens of the blocks the head reads (before the final
 norm, as in the store; the head's own final norm is applied when it used one). The head's pooling weights
-a (L blocks × N patches, each block's weights summing to 1) are averaged over the L blocks, reshaped to the
-patch grid (gh × gw), bilinearly upsampled to the input size, min-max scaled per image (0 = the least, 1 = the
-most weighted place) and drawn over the preprocessed image (denormalised with the model's mean and std). As the
-scaling hides how peaked a map is, titles give ``peak`` = max_n a_n · N (1.0 = uniform weights).
+a (L blocks × Q queries × its pooled tokens) are averaged over the L blocks and the Q queries (attention heads count
+as queries), restricted to the N patch tokens (a head with ``content=all`` also weighs the prefix tokens, and CaiT's
+class token weighs itself: titles give that share as ``off patches``), reshaped to the patch grid (gh × gw),
+bilinearly upsampled to the input size, min-max scaled per image (0 = the least, 1 = the most weighted place) and
+drawn over the preprocessed image (denormalised with the model's mean and std). As the scaling hides how peaked a
+map is, titles give ``peak`` = max_n a_n / mean_n a_n over the patches (1.0 = uniform weights). With
+``per_query``, heads with several queries also get one figure per image with each query's own map.
 """
 
 from __future__ import annotations
@@ -60,12 +64,27 @@ def backbone_for_head(config: dict, checkpoint: str | None = None, head_dir: str
     return bb
 
 
-def head_attention(headset: HeadSet, key: str, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokens (B, L, T, D) of the head's blocks → (weights over patches (B, N) averaged over the L blocks and the
-    head's queries, logits (B, C))."""
+def has_attention(head: GridHead | type) -> bool:
+    cls = head if isinstance(head, type) else type(head)
+    return cls.attention is not GridHead.attention
+
+
+def head_attention(headset: HeadSet, key: str, tokens: torch.Tensor,
+                   per_query: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens (B, L, T, D) of the head's blocks → (weights over the patch tokens averaged over the L blocks and the
+    head's queries (B, N), or per query (B, Q, N); logits (B, C)). With ``content=all`` the weights of the prefix
+    tokens are left out (the patch weights then sum to less than 1)."""
     head = headset.heads[key]
     x = headset.prepare(tokens)
-    return head.attention(x)[0].mean((1, 2)), head(x)[0]
+    a = head.attention(x)[0].mean(1)  # (B, Q, M) over the head's pooled tokens
+    if head.options.get("content") == "all":
+        a = a[..., head.num_prefix:]
+    return (a if per_query else a.mean(1)), head(x)[0]
+
+
+def peak(weights: torch.Tensor) -> torch.Tensor:
+    """max_n a_n / mean_n a_n over the last axis: 1.0 for uniform weights."""
+    return weights.amax(-1) / weights.mean(-1).clamp_min(1e-12)
 
 
 def to_image(x: torch.Tensor, data_config: dict) -> np.ndarray:
@@ -88,12 +107,14 @@ def _slug(text: str) -> str:
 
 
 def heatmaps(head_dir: str, data: str, images: int = 16, out_dir: str = "heatmaps", checkpoint: str | None = None,
-             *, seed: int = 0, batch_size: int = 32, device: str = "auto", workers: int = 0) -> dict:
+             *, seed: int = 0, batch_size: int = 32, device: str = "auto", workers: int = 0,
+             per_query: bool = False) -> dict:
     """Draw the head's attention for ``images`` images of ``data`` (a seeded random subset): one PNG per image
-    (title: sample id, true and predicted class) and ``grid.png``. Returns a summary with the files written."""
+    (title: sample id, true and predicted class) and ``grid.png``; with ``per_query`` and a head of several queries,
+    also ``NNN_<id>_queries.png`` per image, one map per query. Returns a summary with the files written."""
     from mimprobe.analysis.inputs import image_batches
+    from mimprobe.analysis.plots import grid_figure, heatmap_figure, query_grid_figure
     from mimprobe.data.sources import seeded_rows
-    from mimprobe.analysis.plots import grid_figure, heatmap_figure
     from mimprobe.plotting import save_figure
     from mimprobe.data import open_source
     from mimprobe.distributed import resolve_device
@@ -104,8 +125,11 @@ def heatmaps(head_dir: str, data: str, images: int = 16, out_dir: str = "heatmap
     headset, config = load_head(head_dir)
     key = config["key"]
     head = headset.heads[key]
-    if type(head).attention is GridHead.attention:
-        raise UserError(f"head {key} ({head_dir}) has no attention weights: use abmilp, abmilp-gated or attentive")
+    if not has_attention(head):
+        from mimprobe.probe.heads import HEADS
+
+        raise UserError(f"head {key} ({head_dir}) has no attention weights: use one of "
+                        f"{', '.join(k for k, c in HEADS.items() if has_attention(c))}")
     dev = resolve_device(device)
     source = open_source(data)
     bb = backbone_for_head(config, checkpoint, head_dir)
@@ -117,14 +141,22 @@ def heatmaps(head_dir: str, data: str, images: int = 16, out_dir: str = "heatmap
     rows = seeded_rows(len(source), seed, images)
     os.makedirs(out_dir, exist_ok=True)
     samples, items = [], []
+    queries = 1
     with torch.inference_mode():
         for idx, x in image_batches(source, rows, bb.data_config, batch_size, workers):
             x = x.to(dev)
             tokens = torch.stack(block_tokens(bb.model, x, blocks), dim=1).float()
-            weights, logits = head_attention(headset, key, tokens)
-            heat = upsample(weights, grid, tuple(x.shape[-2:])).cpu().numpy()
+            per_q, logits = head_attention(headset, key, tokens, per_query=True)  # (B, Q, N)
+            weights = per_q.mean(1)
+            size = tuple(x.shape[-2:])
+            heat = upsample(weights, grid, size).cpu().numpy()
             prob = logits.float().softmax(-1)
-            peak = (weights.amax(-1) * weights.shape[-1]).tolist()
+            peaks = peak(weights).tolist()
+            off = (1 - weights.sum(-1)).tolist()  # weight on prefix tokens (content=all) or CaiT's class token
+            queries = per_q.shape[1]
+            if per_query and queries > 1:
+                q_heat = upsample(per_q.flatten(0, 1), grid, size).view(*per_q.shape[:2], *size).cpu().numpy()
+                q_peaks = peak(per_q).tolist()
             for j, i in enumerate(idx.tolist()):
                 label = int(source.labels[i])
                 pred = int(prob[j].argmax())
@@ -132,14 +164,20 @@ def heatmaps(head_dir: str, data: str, images: int = 16, out_dir: str = "heatmap
                 pred_name = class_names[pred] if pred < len(class_names) else str(pred)
                 sid = source.ids[i]
                 title = (f"{sid}\ntrue: {true_name} | pred: {pred_name} (p {float(prob[j, pred]):.2f}) | "
-                         f"peak {peak[j]:.1f}× uniform")
+                         f"peak {peaks[j]:.1f}× uniform" + (f" | {off[j]:.0%} off patches" if off[j] > 5e-3 else ""))
                 image = to_image(x[j], bb.data_config)
-                path = os.path.join(out_dir, f"{len(samples):03d}_{_slug(sid)}.png")
-                save_figure(heatmap_figure(image, heat[j], title), path)
+                stem = os.path.join(out_dir, f"{len(samples):03d}_{_slug(sid)}")
+                save_figure(heatmap_figure(image, heat[j], title + (f" | mean of {queries} queries" if queries > 1
+                                                                    else "")), stem + ".png")
                 items.append((image, heat[j], f"{_slug(sid)[-24:]}\n{true_name} → {pred_name}"))
-                samples.append({"id": sid, "label": true_name, "pred": pred_name, "prob": float(prob[j, pred]),
-                                "peak": peak[j], "png": path})
+                sample = {"id": sid, "label": true_name, "pred": pred_name, "prob": float(prob[j, pred]),
+                          "peak": peaks[j], "off_patches": off[j], "png": stem + ".png"}
+                if per_query and queries > 1:
+                    titles = [f"query {q} | peak {q_peaks[j][q]:.1f}×" for q in range(queries)]
+                    sample["queries_png"] = save_figure(query_grid_figure(image, q_heat[j], titles, title),
+                                                        stem + "_queries.png")
+                samples.append(sample)
     grid_path = save_figure(grid_figure(items), os.path.join(out_dir, "grid.png"))
-    return {"head": key, "head_kind": config["head"]["kind"], "model": bb.info["name"],
+    return {"head": key, "head_kind": config["head"]["kind"], "queries": queries, "model": bb.info["name"],
             "weights": bb.info["weights"], "blocks": blocks, "num_images": len(samples), "images": samples,
             "grid": grid_path, "out_dir": out_dir}

@@ -122,3 +122,19 @@ def grid_figure(items: list[tuple[np.ndarray, np.ndarray, str]]) -> Figure:
         ax.set_axis_off()
     fig.tight_layout()
     return fig
+
+
+def query_grid_figure(image: np.ndarray, heats: np.ndarray, titles: list[str], suptitle: str) -> Figure:
+    """One image with each query's map (heats (Q, H, W) in [0, 1]) overlaid, on a near-square grid."""
+    q = len(heats)
+    cols = max(1, math.ceil(math.sqrt(q)))
+    rows = math.ceil(q / cols)
+    fig = new_figure(figsize=(2.0 * cols, 2.2 * rows + 0.6))
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    for ax, heat, title in zip(axes, heats, titles):
+        _overlay(ax, image, heat, title, fontsize=6)
+    for ax in axes[q:]:
+        ax.set_axis_off()
+    fig.suptitle(suptitle, fontsize=8)
+    fig.tight_layout()
+    return fig

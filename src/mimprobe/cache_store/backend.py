@@ -76,8 +76,42 @@ class Backend(ABC):
     def raw_chunk(self, name: str, c: int):
         """A read-only ``np.memmap`` of chunk ``c`` of array ``name`` (its full chunk shape) when the chunk is
         stored uncompressed in a local file, else None (then read through the library). Readers use it to copy
-        rows straight from the page cache into a batch, once."""
+        rows straight from the page cache into a batch, once. Only chunks that were written are asked for: a
+        chunk file that is missing or shorter than a chunk raises :class:`~.integrity.StoreDamaged`."""
         return None
+
+    def chunk_path(self, name: str, c: int) -> str | None:
+        """The local file that holds chunk ``c`` of ``name`` (None when not a local file)."""
+        return None
+
+    def chunk_problem(self, name: str, c: int) -> str | None:
+        """What is wrong with the stored chunk ``c`` of ``name`` that its size alone shows (``"missing"``,
+        ``"short: 10 of 40 bytes"``), found without reading it; None when it is there at its full size, or when
+        this backend cannot tell without reading it (object storage)."""
+        return None
+
+    def read_chunk_bytes(self, name: str, c: int, buf: bytearray | None = None) -> memoryview | None:
+        """The stored bytes of chunk ``c`` of ``name`` (a full chunk, padding included) for ``mimprobe verify``:
+        a read-only mapping of a local file, the object's bytes from object storage, or read into ``buf``; None
+        when the chunk is not plain bytes in one file or object (then it is read through the library). Raises
+        :class:`~.integrity.ChunkProblem` when the chunk is missing or short."""
+        return None
+
+    def stored_chunks(self, name: str) -> set[int] | None:
+        """The chunks of ``name`` that exist as objects, from one listing; None when every chunk exists by
+        construction (HDF5's early allocation) or the backend cannot list them."""
+        return None
+
+    @property
+    def is_remote(self) -> bool:
+        """Whether the store is reached over the network (every request costs a round trip)."""
+        return is_url(self.path) and not str(self.path).startswith("file://")
+
+    def chunk_rows_of(self, name: str, c: int) -> tuple[int, int]:
+        """Rows ``(start, stop)`` of chunk ``c`` of ``name`` (chunked along the first axis)."""
+        a = self.array(name)
+        rows = a.chunks[0]
+        return c * rows, min((c + 1) * rows, a.shape[0])
 
     def flush(self) -> None:
         """Make what was written so far durable before a ``done`` flag is set."""
@@ -103,6 +137,16 @@ def map_file(path: str, dtype, shape, offset: int = 0) -> np.ndarray:
     with open(path, "rb") as f:
         mm = mmap.mmap(f.fileno(), nbytes + offset - start, flags=flags, prot=mmap.PROT_READ, offset=start)
     return np.frombuffer(mm, dtype=dtype, count=int(np.prod(shape)), offset=offset - start).reshape(shape)
+
+
+def map_bytes(path: str, offset: int, nbytes: int) -> memoryview:
+    """``nbytes`` bytes of ``path`` at ``offset``, mapped read-only with their pages populated (no copy: a
+    checksum runs over the page cache directly). The mapping goes away with the last reference to the view."""
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), nbytes + offset - start, flags=flags, prot=mmap.PROT_READ, offset=start)
+    return memoryview(mm)[offset - start: offset - start + nbytes]
 
 
 def allocated_bytes(path: str) -> int:

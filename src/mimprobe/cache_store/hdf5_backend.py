@@ -14,8 +14,9 @@ import os
 import h5py
 import numpy as np
 
-from mimprobe.cache_store.backend import Backend, allocated_bytes, as_str_list, is_url, map_file
-from mimprobe.errors import UserError
+from mimprobe.cache_store.backend import Backend, allocated_bytes, as_str_list, is_url, map_bytes, map_file
+from mimprobe.cache_store.integrity import ChunkProblem, StoreDamaged
+from mimprobe.errors import UserError, first_line
 
 ATTRS_KEY = "mimprobe"  # all attributes as one JSON document, readable with plain h5py
 
@@ -66,6 +67,10 @@ class HDF5Backend(Backend):
         except FileNotFoundError:
             raise UserError(f"{path}: no such store") from None
         except OSError as e:
+            if "truncated file" in str(e):  # HDF5 knows the size it wrote: the end of the file is gone
+                raise StoreDamaged(f"{path}: the HDF5 file is truncated ({e}); an HDF5 store cannot be repaired "
+                                   "in place: re-extract it with the same `mimprobe extract` command and --overwrite"
+                                   ) from None
             raise UserError(f"{path}: cannot open as HDF5 ({e})") from None
 
     def create_array(self, name, shape, dtype, chunks):
@@ -75,7 +80,16 @@ class HDF5Backend(Backend):
             self.f.create_dataset(name, shape=shape, dtype=np.dtype(dtype), chunks=chunks, dcpl=_dcpl())
 
     def array(self, name):
-        return self.f[name]
+        """The dataset ``name``; KeyError when it does not exist, :class:`StoreDamaged` when HDF5 cannot read
+        its header."""
+        try:
+            return self.f[name]
+        except KeyError as e:
+            if name in self.f:  # listed, but its object header does not read
+                raise StoreDamaged.array(self.path, f"the HDF5 dataset {name}", str(e)) from None
+            raise
+        except (OSError, RuntimeError, ValueError) as e:
+            raise StoreDamaged.array(self.path, f"the HDF5 dataset {name}", str(e)) from None
 
     def has(self, name):
         return name in self.f
@@ -107,10 +121,46 @@ class HDF5Backend(Backend):
 
     def raw_chunk(self, name, c):
         layout = self._raw_layout(name)
-        if layout is None or layout[2][c] < 0:
+        if layout is None:
             return None
+        problem = self.chunk_problem(name, c)
+        if problem:  # mapping bytes past the end of the file would kill the process (SIGBUS) when read
+            raise StoreDamaged.chunk(self.path, name, c, problem, self.chunk_rows_of(name, c))
         dtype, chunks, offsets = layout
         return map_file(self.path, dtype, chunks, offset=int(offsets[c]))
+
+    def chunk_path(self, name, c):
+        return self.path
+
+    def _chunk_span(self, name, c):
+        """(byte offset, bytes) of chunk ``c`` in the file, offset -1 when it has none; None when not plain."""
+        layout = self._raw_layout(name)
+        if layout is None:
+            return None
+        dtype, chunks, offsets = layout
+        return int(offsets[c]), int(np.prod(chunks)) * dtype.itemsize
+
+    def chunk_problem(self, name, c):
+        span = self._chunk_span(name, c)
+        if span is None:
+            return None
+        off, need = span
+        if off < 0:
+            return "missing: no chunk allocated in the file"
+        size = os.path.getsize(self.path)
+        return None if size >= off + need else f"short: the file ends {off + need - size} bytes before its end"
+
+    def read_chunk_bytes(self, name, c, buf=None):
+        span = self._chunk_span(name, c)
+        if span is None:
+            return None
+        off, need = span
+        if off < 0:
+            raise ChunkProblem("missing: no chunk allocated in the file")
+        problem = self.chunk_problem(name, c)
+        if problem:
+            raise ChunkProblem(problem)
+        return map_bytes(self.path, off, need)
 
     def write_strings(self, name, values):
         self.f[name][:] = np.asarray(values, dtype=object)
@@ -119,8 +169,12 @@ class HDF5Backend(Backend):
         return as_str_list(self.f[name].asstr()[start:stop])
 
     def get_attrs(self):
-        raw = self.f.attrs.get(ATTRS_KEY)
-        return json.loads(raw) if raw is not None else {}
+        try:
+            raw = self.f.attrs.get(ATTRS_KEY)
+            return json.loads(raw) if raw is not None else {}
+        except (OSError, RuntimeError, ValueError, KeyError) as e:  # json.JSONDecodeError is a ValueError
+            raise StoreDamaged.array(self.path, f"its attributes (HDF5 attribute {ATTRS_KEY!r})",
+                                     first_line(e)) from None
 
     def set_attrs(self, attrs):
         self.f.attrs[ATTRS_KEY] = json.dumps(attrs)

@@ -47,8 +47,24 @@ def describe(store: TokenStore) -> list[tuple[str, str]]:
         ("preprocessing", f"{pp.get('input_size')} {pp.get('interpolation')} crop_pct={pp.get('crop_pct')} "
                           f"mean={pp.get('mean')} std={pp.get('std')}"),
         ("chunks", f"{int(done.sum())}/{store.num_chunks} done ({store.chunk_rows} rows each)"),
-        ("complete", "yes" if store.complete else "no"),
+        ("complete", _complete(store)),
         ("skipped", str(len(a.get("skipped", [])))),
         ("size on disk", human_bytes(store.size_on_disk())),
     ]
     return rows
+
+
+def _complete(store: TokenStore) -> str:
+    """"yes" only when every chunk is done and every done chunk's files are there at full size (a cheap look,
+    no data read: ``mimprobe verify`` reads and checksums them)."""
+    from mimprobe.cache_store.verify import presence_problems
+
+    problems = presence_problems(store, limit=4)
+    if problems:
+        more = ", ..." if len(problems) > 3 else ""
+        return (f"NO: DAMAGED ({'; '.join(problems[:3])}{more}); run `mimprobe verify {store.path}`, then repair "
+                "with the same `mimprobe extract` command and --repair")
+    if not store.complete:
+        return "no"
+    how = "listed" if store.backend.is_remote else "present at full size"
+    return f"yes (chunk files {how}; `mimprobe verify` checks their contents)"

@@ -53,20 +53,16 @@ def _rows_by_chunk(rows: np.ndarray, chunk_rows: int) -> dict[int, np.ndarray]:
 
 class ChunkRows:
     """The selected ``rows`` of chunk ``c``: views of each array's chunk (memory maps of the chunk files where
-    the backend allows it, else one library read), not yet copied."""
+    the backend allows it, else one library read), not yet copied. A missing or short chunk raises
+    :class:`~.integrity.StoreDamaged`; ``verify``: check each chunk's checksum (see :meth:`TokenStore.chunk`)."""
 
-    def __init__(self, store: TokenStore, c: int, rows: np.ndarray, arrays: list[str]):
+    def __init__(self, store: TokenStore, c: int, rows: np.ndarray, arrays: list[str], verify: bool | None = None):
         a, b = store.chunk_bounds(c)
         self.rows = rows
         self.local = rows - a
-        self.values = [self._view(store, name, c, a, b) for name in arrays]
-        self.scales = ([self._view(store, scales_name(name), c, a, b) for name in arrays]
+        self.values = [store.chunk(name, c, verify) for name in arrays]
+        self.scales = ([store.chunk(scales_name(name), c, verify) for name in arrays]
                        if store.codec.quantized else None)
-
-    @staticmethod
-    def _view(store: TokenStore, name: str, c: int, a: int, b: int) -> np.ndarray:
-        raw = store.backend.raw_chunk(name, c)
-        return raw[: b - a] if raw is not None else np.asarray(store.backend.array(name)[a:b])
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -97,9 +93,10 @@ def gather(parts: list[ChunkRows], picks: list[np.ndarray], labels: np.ndarray, 
 
 
 def load_rows(store: TokenStore, rows: np.ndarray, arrays: list[str] | None = None) -> TokenBatch:
-    """Every selected row in memory (store order), read chunk by chunk."""
+    """Every selected row in memory (store order), read chunk by chunk; each chunk read is checked against its
+    checksum (once per load: cheap next to what follows)."""
     arrays = arrays or ["tokens"]
-    parts = [ChunkRows(store, c, r, arrays) for c, r in _rows_by_chunk(rows, store.chunk_rows).items()]
+    parts = [ChunkRows(store, c, r, arrays, verify=True) for c, r in _rows_by_chunk(rows, store.chunk_rows).items()]
     data = gather(parts, [np.arange(len(p)) for p in parts], store.labels, store.codec)
     data.x = data.x.contiguous()
     data.scales = None if data.scales is None else data.scales.contiguous()
@@ -169,7 +166,9 @@ class ChunkShuffleReader(IterableDataset):
             parts: list[ChunkRows] = []
             pool = np.empty((0, 2), dtype=np.int64)  # (part index, position in part) of rows not yet yielded
             for start in range(0, len(order), self.buffer_chunks):
-                new = [ChunkRows(store, c, by_chunk[c], self._arrays(c)) for c in order[start:start + self.buffer_chunks]]
+                verify = True if self.epoch == 0 else None  # the first pass is checked against the checksums
+                new = [ChunkRows(store, c, by_chunk[c], self._arrays(c), verify)
+                       for c in order[start:start + self.buffer_chunks]]
                 keep = np.unique(pool[:, 0])  # drop parts whose rows were all yielded
                 remap = np.full(len(parts), -1)
                 remap[keep] = np.arange(len(keep))

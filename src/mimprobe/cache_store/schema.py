@@ -13,10 +13,14 @@ name                   shape            meaning
 ``sample_ids``         (N,)             str: path relative to the dataset root, or the dataset index
 ``valid``              (N,)             bool: False for samples skipped as unreadable
 ``done``               (n_chunks,)      uint8: 1 once every array's chunk c is durably written
+``checksums``          (n_chunks, A)    uint32: CRC-32 of each chunk-aligned array's rows of chunk c, written
+                                        before ``done[c]`` (columns: ``attrs["checksums"]["arrays"]``)
 ``final_norm/weight``  (D,)             float32 parameters of the model's final norm (and ``bias``)
 =====================  ===============  ===========================================================
 
-plus JSON attributes (see :func:`identity_diff` for the ones that identify an extraction).
+plus JSON attributes (see :func:`identity_diff` for the ones that identify an extraction; ``index_checksums``
+holds the CRC-32 of ``labels``, ``sample_ids`` and the final norm). Stores written before checksums existed
+have neither ``checksums`` nor the two attributes; they still open (see :mod:`.integrity`).
 """
 
 from __future__ import annotations

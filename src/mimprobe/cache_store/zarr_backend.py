@@ -28,8 +28,9 @@ import numpy as np
 import zarr
 from zarr.storage import LocalStore
 
-from mimprobe.cache_store.backend import Backend, allocated_bytes, as_str_list, is_url, map_file
-from mimprobe.errors import UserError, first_line
+from mimprobe.cache_store.backend import Backend, allocated_bytes, as_str_list, is_url, map_bytes, map_file
+from mimprobe.cache_store.integrity import ChunkProblem, StoreDamaged, size_problem
+from mimprobe.errors import UserError, first_line, reason
 
 ARRAY_CONFIG = {"write_empty_chunks": True}
 
@@ -44,6 +45,8 @@ def dimension_names(name: str, ndim: int) -> tuple[str, ...] | None:
     base = name.rsplit("/", 1)[-1]
     if name == "done":
         dims: tuple[str, ...] = ("chunk",)
+    elif name == "checksums":
+        dims = ("chunk", "checksummed_array")
     elif name == "scales" or base.endswith("_scales"):
         dims = ("sample", "token", "group")
     elif name.startswith("final_norm/"):
@@ -58,7 +61,7 @@ def dimension_names(name: str, ndim: int) -> tuple[str, ...] | None:
 def _coordinates(name: str, ndim: int) -> dict | None:
     """CF ``coordinates`` attribute: per-sample arrays of the root group name ``sample_ids``/``labels`` as their
     coordinates, so xarray shows them as such (the two live in the root group, hence root arrays only)."""
-    if "/" in name or name in ("labels", "sample_ids", "done") or (dimension_names(name, ndim) or ("",))[0] != "sample":
+    if "/" in name or name in ("labels", "sample_ids", "done", "checksums") or (dimension_names(name, ndim) or ("",))[0] != "sample":
         return None
     return {"coordinates": "sample_ids labels"}
 
@@ -148,6 +151,16 @@ def _chunk_file(root: str, chunks: tuple, c: int) -> str:
 RAW_CODECS = ({"name": "bytes", "configuration": {"endian": "little"}},)
 
 
+def _plain_chunks(arr) -> bool:
+    """Whether every chunk of ``arr`` is stored as its plain little-endian C-order bytes, one object per chunk
+    under ``c/`` (the layout this backend creates)."""
+    meta = arr.metadata.to_dict()
+    codecs = tuple(meta.get("codecs", ()))
+    one_byte = arr.dtype.itemsize == 1 and codecs in (({"name": "bytes"},), ({"name": "bytes", "configuration": {}},))
+    return ((codecs == RAW_CODECS or one_byte) and arr.dtype.kind in "fiub"
+            and meta["chunk_key_encoding"] == {"name": "default", "configuration": {"separator": "/"}})
+
+
 class ZarrBackend(Backend):
     format = "zarr"
     suffixes = (".zarr",)
@@ -195,7 +208,42 @@ class ZarrBackend(Backend):
                                                       storage_options=_storage_options(path)))
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeNotFoundError):
             raise UserError(f"{path}: not a mimprobe store (no zarr group there)") from None
+        except UserError:
+            raise
+        except Exception as e:  # the group's zarr.json is there but unreadable (bad JSON, not zarr metadata)
+            raise StoreDamaged.array(path, "its metadata (zarr.json)", reason(e)) from None
         return cls(g, path)
+
+    @staticmethod
+    def rewrite_group_metadata(path: str) -> None:
+        """Replace a damaged root ``zarr.json`` by an empty group's (the arrays under it are left as they are);
+        the caller then writes the attributes."""
+        if is_url(path):
+            fs, p = _fsspec(path)
+            key = p.rstrip("/") + "/zarr.json"
+            if _remote(path, lambda: fs.exists(key)):
+                _remote(path, lambda: fs.rm(key))
+        elif os.path.exists(os.path.join(path, "zarr.json")):
+            os.remove(os.path.join(path, "zarr.json"))
+        _remote(path, lambda: zarr.open_group(path, mode="a", zarr_format=3, storage_options=_storage_options(path)))
+
+    def rewrite_array_metadata(self, name, shape, dtype, chunks) -> None:
+        """Write ``name``'s ``zarr.json`` as :meth:`create_array` would, keeping its chunks: the document is made
+        by zarr in memory, then copied over the damaged one."""
+        mem = zarr.storage.MemoryStore()
+        tmp = ZarrBackend(zarr.open_group(mem, mode="w", zarr_format=3), "memory")
+        tmp.create_array(name, shape, dtype, chunks)
+        doc = mem._store_dict[f"{name}/zarr.json"].to_bytes()
+        if is_url(self.path):
+            fs, p = _fsspec(self.path)
+            _remote(self.path, lambda: fs.pipe_file(f"{p.rstrip('/')}/{name}/zarr.json", doc))
+        else:
+            os.makedirs(os.path.join(self.path, name), exist_ok=True)
+            tmp_path = os.path.join(self.path, name, "zarr.json.partial")
+            with open(tmp_path, "wb") as f:
+                f.write(doc)
+            os.replace(tmp_path, os.path.join(self.path, name, "zarr.json"))
+        self._raw.pop(name, None)
 
     # --- arrays --------------------------------------------------------------------------------------
     def create_array(self, name, shape, dtype, chunks, dims: tuple[str, ...] | None = None):
@@ -215,7 +263,17 @@ class ZarrBackend(Backend):
         )
 
     def array(self, name):
-        return self.group[name]
+        """The zarr array ``name``; KeyError when it does not exist, :class:`StoreDamaged` when its
+        ``zarr.json`` cannot be read."""
+        try:
+            return self.group[name]
+        except KeyError:
+            raise
+        except Exception as e:
+            err = storage_error(self.path, e)
+            if err is not None:
+                raise err from None
+            raise StoreDamaged.array(self.path, f"the metadata of {name} ({name}/zarr.json)", reason(e)) from None
 
     def read_all(self, name):
         """Plain chunk files are read directly: zarr's per-chunk overhead makes ``labels`` of an ImageNet
@@ -224,7 +282,7 @@ class ZarrBackend(Backend):
         if layout is None:
             return super().read_all(name)
         root, dtype, chunks = layout
-        arr = self.group[name]
+        arr = self.array(name)
         shape = arr.shape
         if tuple(chunks[1:]) != tuple(shape[1:]):
             return super().read_all(name)
@@ -237,15 +295,16 @@ class ZarrBackend(Backend):
                 parts.append(np.full(per_chunk, arr.fill_value, dtype))  # never written
                 continue
             part = np.fromfile(path, dtype=dtype)
-            if part.size != per_chunk:  # not a plain full chunk after all: let zarr decide
-                return super().read_all(name)
+            if part.size != per_chunk:  # a plain chunk of another size: damaged
+                raise StoreDamaged.chunk(self.path, name, c, size_problem(part.nbytes, per_chunk * dtype.itemsize),
+                                         self.chunk_rows_of(name, c))
             parts.append(part)
         out = np.concatenate(parts) if parts else np.zeros(0, dtype)
         return out.reshape((-1,) + tuple(chunks[1:]))[: shape[0]].reshape(shape)
 
     def has(self, name):
         try:
-            self.group[name]
+            self.array(name)
             return True
         except KeyError:
             return False
@@ -253,15 +312,9 @@ class ZarrBackend(Backend):
     def _raw_layout(self, name):
         """(chunk directory, dtype, chunk shape) when chunks of ``name`` are plain little-endian C-order files."""
         if name not in self._raw:
-            arr = self.group[name]
-            meta = arr.metadata.to_dict()
+            arr = self.array(name)
             store = arr.store_path.store
-            codecs = tuple(meta.get("codecs", ()))
-            one_byte = arr.dtype.itemsize == 1 and codecs in (({"name": "bytes"},),
-                                                              ({"name": "bytes", "configuration": {}},))
-            plain = ((codecs == RAW_CODECS or one_byte) and isinstance(store, LocalStore)
-                     and meta["chunk_key_encoding"] == {"name": "default", "configuration": {"separator": "/"}}
-                     and arr.dtype.kind in "fiub")
+            plain = _plain_chunks(arr) and isinstance(store, LocalStore)
             self._raw[name] = ((os.path.join(str(store.root), arr.store_path.path, "c"), arr.dtype, arr.chunks)
                                if plain else None)
         return self._raw[name]
@@ -272,12 +325,103 @@ class ZarrBackend(Backend):
             return None
         root, dtype, chunks = layout
         path = _chunk_file(root, chunks, c)
-        if not os.path.isfile(path) or os.path.getsize(path) != int(np.prod(chunks)) * dtype.itemsize:
-            return None
+        problem = self._file_problem(path, int(np.prod(chunks)) * dtype.itemsize)
+        if problem:
+            raise StoreDamaged.chunk(self.path, name, c, problem, self.chunk_rows_of(name, c))
         return map_file(path, dtype, chunks)
 
+    def chunk_path(self, name, c):
+        layout = self._raw_layout(name)
+        return None if layout is None else _chunk_file(layout[0], layout[2], c)
+
+    @staticmethod
+    def _file_problem(path: str, need: int) -> str | None:
+        try:
+            size = os.path.getsize(path)
+        except FileNotFoundError:
+            return "missing"
+        return size_problem(size, need)
+
+    def _plain_object(self, name):
+        """(filesystem or None for local, chunk directory or key prefix, dtype, chunk shape) when ``name``'s
+        chunks are plain little-endian C-order objects, locally or in an fsspec store; else None."""
+        layout = self._raw_layout(name)
+        if layout is not None:
+            root, dtype, chunks = layout
+            return None, root, dtype, chunks
+        arr = self.array(name)
+        if _plain_chunks(arr) and is_url(self.path):
+            if getattr(self, "_sync_fs", None) is None:  # zarr's own filesystem is asynchronous: a synchronous one
+                self._sync_fs = _fsspec(self.path)
+            fs, root = self._sync_fs
+            return fs, f"{root.rstrip('/')}/{name}/c", arr.dtype, arr.chunks
+        return None
+
+    def chunk_problem(self, name, c):
+        obj = self._plain_object(name)
+        if obj is None:
+            return None
+        fs, root, dtype, chunks = obj
+        need = int(np.prod(chunks)) * dtype.itemsize
+        if fs is None:
+            return self._file_problem(_chunk_file(root, chunks, c), need)
+        try:  # one HEAD request
+            size = _remote(self.path, lambda: fs.size("/".join([root, str(c)] + ["0"] * (len(chunks) - 1))))
+        except FileNotFoundError:
+            return "missing"
+        return size_problem(int(size), need)
+
+    def read_chunk_bytes(self, name, c, buf=None):
+        obj = self._plain_object(name)
+        if obj is None:
+            return None
+        fs, root, dtype, chunks = obj
+        need = int(np.prod(chunks)) * dtype.itemsize
+        if fs is None:
+            path = _chunk_file(root, chunks, c)
+            problem = self._file_problem(path, need)
+            if problem:
+                raise ChunkProblem(problem)
+            try:
+                return map_bytes(path, 0, need)
+            except FileNotFoundError:  # removed since
+                raise ChunkProblem("missing") from None
+        key = "/".join([root, str(c)] + ["0"] * (len(chunks) - 1))
+        try:
+            data = _remote(self.path, lambda: fs.cat_file(key))
+        except FileNotFoundError:
+            raise ChunkProblem("missing") from None
+        problem = size_problem(len(data), need)
+        if problem:
+            raise ChunkProblem(problem)
+        return memoryview(data)
+
+    def stored_chunks(self, name):
+        obj = self._plain_object(name)
+        if obj is None:
+            return None
+        fs, root, dtype, chunks = obj
+        tail = ["0"] * (len(chunks) - 1)
+        if fs is None:
+            try:
+                listed = os.listdir(root)
+            except FileNotFoundError:
+                return set()
+            return {int(k) for k in listed if k.isdigit() and os.path.isfile(os.path.join(root, k, *tail))}
+        try:
+            keys = _remote(self.path, lambda: fs.find(root))
+        except FileNotFoundError:
+            return set()
+        prefix = root.rstrip("/") + "/"
+        out = set()
+        for key in keys:
+            parts = key[len(prefix):].split("/") if key.startswith(prefix) else []
+            if parts and parts[0].isdigit() and parts[1:] == tail:
+                out.add(int(parts[0]))
+        return out
+
     def read_strings(self, name, start=0, stop=None):
-        return as_str_list(self.group[name][start:stop])
+        return as_str_list(self.array(name)[start:stop])
 
     # --- attributes ----------------------------------------------------------------------------------
     def get_attrs(self):

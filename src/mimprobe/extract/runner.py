@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 import mimprobe
 from mimprobe.cache_store.schema import DTYPES, identity_diff, resolve_layers
-from mimprobe.cache_store.store import TokenStore
+from mimprobe.cache_store.store import Layout, TokenStore, plan_layout
 from mimprobe.cache_store.formats import backend_class, infer_format
 from mimprobe.data.sources import open_source, seeded_rows
 from mimprobe.distributed import all_gather_object, barrier, broadcast_object, init_distributed, resolve_device, run_on_main
@@ -53,6 +53,7 @@ class ExtractOptions:
     views: int = 0
     skip_bad: bool = False
     overwrite: bool = False
+    repair: bool = False  # verify, un-mark damaged chunks, rewrite damaged index arrays / metadata, then resume
     quiet: bool = False
     image_column: str | None = None  # hf: column / wds: key of the image (default: detected)
     label_column: str | None = None  # hf: column / wds: key of the label (default: ClassLabel / cls)
@@ -61,7 +62,8 @@ class ExtractOptions:
 @dataclass
 class ExtractResult:
     path: str
-    status: str  # "complete", "incomplete" (chunks left), "already complete", or "rank done" (a non-zero rank)
+    status: str  # "complete", "incomplete" (chunks left), "already complete", "intact" (--repair found nothing),
+    # or "rank done" (a non-zero rank)
     num_samples: int
     rows_this_run: int
     seconds: float
@@ -69,6 +71,7 @@ class ExtractResult:
     chunks_done: int
     num_chunks: int
     skipped: int
+    repaired: str = ""  # what --repair found and fixed
 
     @property
     def images_per_second(self) -> float:
@@ -77,7 +80,10 @@ class ExtractResult:
     def summary(self) -> str:
         if self.status == "already complete":
             return f"{self.path}: already complete ({self.num_samples} samples); nothing to do"
-        return (f"{self.path}: {self.status}, {self.num_samples} samples, {self.chunks_done}/{self.num_chunks} "
+        if self.status == "intact":
+            return f"{self.path}: verified intact ({self.num_samples} samples); nothing to repair"
+        fixed = f"repaired ({self.repaired}): " if self.repaired else ""
+        return (f"{self.path}: {fixed}{self.status}, {self.num_samples} samples, {self.chunks_done}/{self.num_chunks} "
                 f"chunks, {human_bytes(self.size_on_disk)} on disk; this run {self.rows_this_run} images in {self.seconds:.1f} s "
                 f"({self.images_per_second:.1f} img/s), {self.skipped} skipped")
 
@@ -91,6 +97,8 @@ def _validate(opts: ExtractOptions) -> None:
         raise UserError("--views must be >= 0")
     if opts.chunk_rows is not None and opts.chunk_rows <= 0:
         raise UserError("--chunk-rows must be positive")
+    if opts.repair and opts.overwrite:
+        raise UserError("--repair keeps a store and fixes it, --overwrite replaces it: choose one")
 
 
 def _build_attrs(bb: Backbone, source, rows: np.ndarray, opts: ExtractOptions, layers: list[int]) -> dict:
@@ -111,9 +119,21 @@ def _build_attrs(bb: Backbone, source, rows: np.ndarray, opts: ExtractOptions, l
     }
 
 
-def _open_or_create(path, fmt, bb, source, rows, opts, layers) -> tuple[TokenStore | None, bool]:
-    """(store, already_complete). Refuses a store made with other settings unless ``--overwrite``."""
+def _layout(path, bb, source, rows, opts, layers, attrs, chunk_rows=None, checksums=True) -> Layout:
+    """What creating the store writes besides tokens (see :func:`plan_layout`)."""
+    extra_blocks = tuple(k for k in layers if k != bb.num_blocks - 1)
+    return plan_layout(attrs=attrs, num_tokens=bb.num_tokens, dim=bb.embed_dim, labels=source.labels[rows],
+                       sample_ids=[source.ids[i] for i in rows], dtype=opts.dtype,
+                       chunk_rows=opts.chunk_rows if opts.chunk_rows is not None else chunk_rows,
+                       blocks=extra_blocks, views=opts.views, final_norm=bb.final_norm, checksums=checksums, path=path)
+
+
+def _open_or_create(path, fmt, bb, source, rows, opts, layers) -> tuple[TokenStore | None, bool | str]:
+    """(store, already_complete). Refuses a store made with other settings unless ``--overwrite``. With
+    ``--repair``: (store, what was repaired) or (store, True) when it verified intact."""
     attrs = _build_attrs(bb, source, rows, opts, layers)
+    if opts.repair:
+        return _repair(path, fmt, bb, source, rows, opts, layers, attrs)
     exists = TokenStore.exists(path, fmt)
     if exists and not opts.overwrite:
         try:
@@ -128,8 +148,9 @@ def _open_or_create(path, fmt, bb, source, rows, opts, layers) -> tuple[TokenSto
                 store.close()
                 raise UserError(f"{path}: exists and was made with other settings ({'; '.join(diff[:3])}); "
                                 "pass --overwrite to replace it, or choose another path")
-            if store.complete:
+            if store.complete and store.done().all():
                 return store, True
+            # (a store that says complete with chunks not done lost done flags: those chunks are extracted again)
             removed = store.backend.clean_partial()
             if removed:
                 log.info("%s: removed %d partial file(s) of an interrupted write", path, removed)
@@ -145,6 +166,126 @@ def _open_or_create(path, fmt, bb, source, rows, opts, layers) -> tuple[TokenSto
         final_norm=bb.final_norm, fmt=fmt, overwrite=True,
     )
     return store, False
+
+
+def _repair(path, fmt, bb, source, rows, opts, layers, attrs) -> tuple[TokenStore, bool | str]:
+    """``extract --repair``: verify the store; rewrite what can be rewritten from the command (the attributes,
+    arrays' metadata, labels / sample_ids / final norm) when the arrays agree with the command; un-mark the done
+    flags of damaged chunks. The caller then extracts every chunk not done, as on resume, so the store ends
+    bitwise equal to an undamaged one (on the same kind of device as the original run)."""
+    from mimprobe.cache_store.verify import _zarr_arrays_without_group, verify_store
+
+    bcls = backend_class(fmt)
+    if not TokenStore.exists(path, fmt) and not (fmt == "zarr" and _zarr_arrays_without_group(path)):
+        raise UserError(f"{path}: no store there, nothing to repair; run the command without --repair to extract")
+    report = verify_store(path, fmt, quiet=opts.quiet)
+    fixed: list[str] = []
+    if report.unreadable and fmt != "zarr" and "truncated" in report.unreadable:
+        raise UserError(f"{path}: {report.unreadable}; an {fmt} store cannot be repaired in place: re-extract it "
+                        "with the same command and --overwrite")
+    if report.unreadable:
+        _rebuild_attributes(path, fmt, bcls, bb, source, rows, opts, layers, attrs, report)
+        fixed.append("attributes rewritten")
+        report = verify_store(path, fmt, quiet=opts.quiet)
+    store = TokenStore.open(path, "r+", fmt)
+    auto_rows = opts.chunk_rows is None
+    want = dict(attrs, dtype=opts.dtype, chunk_rows=store.chunk_rows if auto_rows else opts.chunk_rows)
+    diff = identity_diff(store.attrs, want)
+    if diff:
+        store.close()
+        raise UserError(f"{path}: was made with other settings than this command ({'; '.join(diff[:3])}); --repair "
+                        "needs the command that made the store")
+    if report.ok:
+        if store.complete and not fixed:
+            return store, True
+        return store, "; ".join(fixed)  # an unfinished store, or rebuilt attributes: resume it
+    lay = _layout(path, bb, source, rows, opts, layers, attrs, chunk_rows=store.chunk_rows,
+                  checksums=store.has_checksums)
+    specs = {spec.name: spec for spec in lay.arrays}
+    meta = report.metadata_damage() - {""}
+    if meta:
+        if fmt != "zarr" or not hasattr(store.backend, "rewrite_array_metadata"):
+            store.close()
+            raise UserError(f"{path}: the metadata of {', '.join(sorted(meta))} is damaged and cannot be rewritten in "
+                            f"a {fmt} store; re-extract with the same command and --overwrite")
+        for name in sorted(meta):
+            if name not in specs:
+                store.close()
+                raise UserError(f"{path}: {name} is not an array this command makes; re-extract with --overwrite")
+            spec = specs[name]
+            store.backend.rewrite_array_metadata(spec.name, spec.shape, spec.dtype, spec.chunks)
+        fixed.append(f"metadata of {', '.join(sorted(meta))} rewritten")
+        store.close()
+        report = verify_store(path, fmt, quiet=opts.quiet)
+        store = TokenStore.open(path, "r+", fmt)
+        if report.metadata_damage():
+            bad = "; ".join(d.line() for d in report.damage if d.kind == "metadata")
+            store.close()
+            raise UserError(f"{path}: metadata still damaged after rewriting it ({bad}); re-extract with --overwrite")
+    b = store.backend
+    index = sorted(report.index_damage())
+    for name in index:
+        if name == "labels":
+            b.array("labels")[:] = lay.labels
+        elif name == "sample_ids":
+            b.write_strings("sample_ids", lay.sample_ids)
+        elif name in lay.final_norm:
+            b.array(name)[:] = lay.final_norm[name]
+    if index:
+        fixed.append(f"{', '.join(index)} rewritten")
+        for name in ("labels", "sample_ids"):
+            store.__dict__.pop(name, None)
+    redo = sorted(report.chunks_to_redo())
+    if redo:
+        store.update_attrs(complete=False)  # honest while the chunks are re-extracted (a crash now resumes)
+        done = b.array("done")
+        for c in redo:
+            done[c] = 0
+        fixed.append(f"{len(redo)} damaged chunk(s) re-extracted: {', '.join(map(str, redo[:8]))}"
+                     + (" ..." if len(redo) > 8 else ""))
+    b.flush()
+    for d in report.damage[:20]:
+        log.info("%s: damaged: %s", path, d.line())
+    removed = b.clean_partial()
+    if removed:
+        log.info("%s: removed %d partial file(s) of an interrupted write", path, removed)
+    return store, "; ".join(fixed)
+
+
+def _rebuild_attributes(path, fmt, bcls, bb, source, rows, opts, layers, attrs, report) -> None:
+    """Rewrite a store's unreadable attributes from the command, when its arrays are exactly what the command
+    would create (else refuse: re-extract)."""
+    what = report.unreadable
+    if fmt == "zarr":
+        from mimprobe.cache_store.zarr_backend import ZarrBackend
+
+        ZarrBackend.rewrite_group_metadata(path)
+    try:
+        b = bcls.open(path, "r+")
+    except UserError as e:
+        raise UserError(f"{path}: {what}, and it cannot be opened to repair it ({e}); re-extract with the same "
+                        "command and --overwrite") from None
+    try:
+        try:
+            chunk_rows = b.array("tokens").chunks[0]
+        except Exception:
+            chunk_rows = None
+        lay = _layout(path, bb, source, rows, opts, layers, attrs, chunk_rows=chunk_rows, checksums=b.has("checksums"))
+        for spec in lay.arrays:
+            try:
+                arr = b.array(spec.name)
+                ok = tuple(arr.shape) == tuple(spec.shape) and tuple(arr.chunks) == tuple(spec.chunks)
+            except Exception:
+                ok = False
+            if not ok:
+                raise UserError(f"{path}: {what}; its arrays do not match this command ({spec.name}), so the "
+                                "attributes cannot be rebuilt safely; re-extract with the same command and "
+                                "--overwrite")
+        b.set_attrs(lay.attrs)
+        b.flush()
+        log.info("%s: attributes rebuilt from the command (%s)", path, what)
+    finally:
+        b.close()
 
 
 def _collect_skipped(store: TokenStore, source, rows: np.ndarray, reasons: dict[int, str]) -> list[dict]:
@@ -192,10 +333,12 @@ def extract(model: str, data: str, store_path: str, opts: ExtractOptions | None 
         store, already = state
     else:
         store, already = TokenStore.open(store_path, "r+", fmt), False
-    already = bool(broadcast_object(ctx, already))
+    repaired = already if isinstance(already, str) else ""
+    already = bool(broadcast_object(ctx, already is True))
     if already:
-        res = ExtractResult(store_path, "already complete", store.num_samples, 0, 0.0, store.size_on_disk(),
-                            store.num_chunks, store.num_chunks, len(store.attrs.get("skipped", [])))
+        res = ExtractResult(store_path, "intact" if opts.repair else "already complete", store.num_samples, 0, 0.0,
+                            store.size_on_disk(), store.num_chunks, store.num_chunks,
+                            len(store.attrs.get("skipped", [])))
         store.close()
         return res
 
@@ -223,7 +366,7 @@ def extract(model: str, data: str, store_path: str, opts: ExtractOptions | None 
                            extraction=extraction)
         status = "complete" if done.all() else "incomplete"
         result = ExtractResult(store_path, status, store.num_samples, n_rows, seconds, store.size_on_disk(),
-                               int(done.sum()), store.num_chunks, len(skipped))
+                               int(done.sum()), store.num_chunks, len(skipped), repaired)
     else:
         result = ExtractResult(store_path, "rank done", store.num_samples, n_rows, seconds, 0, 0,
                                store.num_chunks, 0)

@@ -27,6 +27,8 @@ class AbMILP(GridHead):
     """
 
     paper = "Beyond [cls] (Przewięźlikowski et al. 2025), gmum/beyond_cls; Ilse et al. 2018"
+    summary = ("softmax over the tokens of a learned score wᵀx (Linear(D→1)), weighted sum of the tokens; options: "
+               "scorer depth, self-attention, 2-D sin-cos conditioning")
     OPTIONS = {"depth": (1, (1, 2)), "act": ("relu", ("relu", "tanh")), "sa": ("none", ("none", "map", "both")),
                "cond": ("none", ("none", "pe")), "content": ("patch", ("patch", "all"))}
 
@@ -83,6 +85,7 @@ class GatedAbMILP(AbMILP):
     """Gated attention (Ilse et al. 2018): ``a = softmax_n(wᵀ[tanh(V x_n) ⊙ sigmoid(U x_n)])``, hidden 128."""
 
     paper = "Ilse, Tomczak, Welling 2018 (gated attention MIL), hidden 128"
+    summary = "softmax of wᵀ[tanh(Vx) ⊙ sigmoid(Ux)] (hidden 128) over the tokens, weighted sum of the tokens"
     OPTIONS = {"content": ("patch", ("patch", "all"))}
     hidden = 128
 

@@ -22,6 +22,8 @@ class Attentive(GridHead):
 
     use_norm = False
     paper = "CAPI (Darcet et al. 2025), facebookresearch/capi AttnPoolClassifier"
+    summary = ("one learned query, D/64 heads, keys and values from Linear(D→2D), no query or output projection; "
+               "Linear classifier without BN")
     OPTIONS = {"content": ("patch", ("patch", "all"))}
 
     def build(self):

@@ -22,6 +22,7 @@ import math
 import zlib
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mimprobe.errors import UserError
@@ -73,6 +74,26 @@ def member_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = Non
     return y if b is None else y + b[:, None, :, None]
 
 
+def member_dense(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """Each member's Linear on per-member vectors: x (G, ..., L, D) (any axes between G and L), w (G, L, D, E),
+    b (G, L, E) → (G, ..., L, E)."""
+    y = torch.einsum("g...ld,glde->g...le", x, w)
+    return y if b is None else y + b.view(b.shape[0], *([1] * (x.dim() - 3)), *b.shape[1:])
+
+
+def normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm without its affine part (over the last axis): shared by every member, whose own γ, β follow."""
+    return F.layer_norm(x, x.shape[-1:], eps=eps)
+
+
+def divisible(kind: str, dim: int, parts: int, what: str, option: str) -> int:
+    """``dim // parts``, or one UserError line when the width does not split as the head needs."""
+    if parts < 1 or dim % parts:
+        raise UserError(f"{kind} head: embed dim {dim} is not divisible into {parts} {what}; pass {kind}:{option}=K "
+                        f"with K dividing {dim}")
+    return dim // parts
+
+
 def sincos_2d(grid: tuple[int, int] | None, dim: int) -> torch.Tensor:
     """A fixed 2-D sin-cos position embedding (N, D) of a patch grid, row-major like the tokens (timm's)."""
     from timm.layers import build_sincos2d_pos_embed
@@ -115,7 +136,9 @@ class GridHead(nn.Module):
     features: tuple[str, ...] | None = None  # pooled features read instead of tokens (see module doc)
     needs_cls = False
     use_norm = True
-    paper = ""  # where the definition comes from (README's head table)
+    paper = ""  # where the definition comes from (the head table, docs/heads.md)
+    summary = ""  # what it computes, one line (the head table)
+    no_decay: tuple[str, ...] = ()  # parameters without weight decay besides the biases (norm scales, layer scales, p)
     # option name → (default, allowed values, or a type to convert strings with)
     OPTIONS: dict[str, tuple] = {}
 
@@ -200,12 +223,14 @@ class GridHead(nn.Module):
         return torch.baddbmm(self.bias.unsqueeze(1), f.expand(self.members, -1, -1), self.weight)
 
     def attention(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Weights over the pooled tokens (G, B, L, Q, N) for heads that have them (Q queries), else None."""
+        """Weights (G, B, L, Q, M) over the M tokens of :meth:`tokens` (patch tokens; prefix + patch tokens with
+        ``content=all``) for heads that have them, else None. Q = queries × attention heads (1 for AbMILP)."""
         return None
 
     def decay_flags(self) -> list[bool]:
-        """Weight decay for weights, not for biases (parameters named ``*bias``), as CAPI / MAE do."""
-        return [not name.endswith("bias") for name, _ in self.named_parameters()]
+        """Weight decay for weights, not for biases (parameters named ``*bias``), as CAPI / MAE do, nor for the
+        head's ``no_decay`` parameters (LayerNorm and layer scales, GeM's p: decaying them toward 0 is no prior)."""
+        return [not (name.endswith("bias") or name in self.no_decay) for name, _ in self.named_parameters()]
 
     def num_parameters(self) -> int:
         """Trainable parameters of one member."""

@@ -12,12 +12,14 @@ class LinearCls(GridHead):
     features = ("cls",)
     needs_cls = True
     paper = MAE
+    summary = "the [cls] token"
 
 
 @register("linear-mean")
 class LinearMean(GridHead):
     features = ("mean",)
     paper = MAE + "; mean of the patch tokens"
+    summary = "the mean of the patch tokens"
 
 
 @register("linear-clsmean")
@@ -25,3 +27,4 @@ class LinearClsMean(GridHead):
     features = ("cls", "mean")
     needs_cls = True
     paper = "DINOv2 / CAPI: [cls] ‖ mean of the patch tokens → BN → Linear"
+    summary = "[cls] concatenated with the mean of the patch tokens (2D features)"

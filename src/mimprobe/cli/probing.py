@@ -53,6 +53,12 @@ def probe(
     memory: str = typer.Option("2G", help="memory budget of a kNN search, e.g. 512M, 4G"),
     checkpoint_every: float = typer.Option(300, help="with --out: seconds between checkpoints of the grid in "
                                            "training (0: every epoch); the same command resumes a killed run"),
+    online: Optional[str] = typer.Option(None, help="the papers' protocol, to measure the cache against: train "
+                                         "on tokens the backbone computes in the loop from this DATA (the train "
+                                         "store's dataset), a fresh crop every epoch; choose and evaluate on the "
+                                         "cached center crops (slow)"),
+    online_augment: bool = typer.Option(True, help="with --online: RandomResizedCrop+flip (default), or the "
+                                        "center crop recomputed every epoch"),
     quiet: bool = typer.Option(False),
 ):
     """Train probe heads on cached tokens (whole grids in one pass), choose on train, report on eval."""
@@ -74,7 +80,7 @@ def probe(
         device=device, workers=workers, allow_incomplete=allow_incomplete, out=out, save_heads=save_heads,
         knn_k=_numbers(knn_k, "--knn-k") or list(DINO_KS), knn_t=_numbers(knn_t, "--knn-t", float) or [DINO_T],
         pool_from=list(pool_from or []), memory=_bytes(memory, "--memory"), checkpoint_every=checkpoint_every,
-        quiet=quiet,
+        quiet=quiet, online=online, online_augment=online_augment,
     )
     records = run_probe(train_store, eval_store, opts)
     if records and records[0]["world_size"] > 1 and not _is_main():

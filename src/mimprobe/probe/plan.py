@@ -75,6 +75,9 @@ class ProbeOptions:
     memory: int = DEFAULT_MEMORY
     checkpoint_every: float = 300.0  # seconds between grid checkpoints (with --out), 0 = every epoch
     quiet: bool = False
+    # --online DATA: SGD heads train on tokens the backbone computes in the loop from DATA (probe/online.py)
+    online: str | None = None
+    online_augment: bool = True
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,7 @@ class ProbePlan:
     eval_rows: np.ndarray
     usable_rows: np.ndarray
     splits: tuple[Split, ...]
+    online: object | None = None  # probe.online.OnlineInput with --online
 
     def by_trainer(self, trainer: str) -> list[HeadPlan]:
         return [h for h in self.heads if h.trainer == trainer]
@@ -289,6 +293,10 @@ def _plan(opts, train, ev, device, ctx) -> ProbePlan:
     m = train.attrs["model"]
     has_cls = bool(m.get("has_class_token", train.num_prefix_tokens > 0))
     requested = _resolve_heads(opts, train, has_cls)
+    if opts.online:
+        from mimprobe.probe import online
+
+        online.check_options(opts, train, ctx.active, [kind for _, kind, _ in requested])
     if opts.final_norm and train.final_norm() is None:
         raise UserError(f"--final-norm: {train.path} holds no final-norm parameters (the model has none)")
     arrays, blocks, pos_last, label = _blocks(opts.layers, train)
@@ -304,7 +312,7 @@ def _plan(opts, train, ev, device, ctx) -> ProbePlan:
     feature_names = pooling.ordered(n for f in feats.values() for n in f)
     pooled_bytes = (len(usable) + len(eval_rows)) * len(blocks) * max(1, len(feature_names)) * train.dim * 4
     pooled_in_memory = fits_in_memory(pooled_bytes, torch.device("cpu"))
-    lbfgs_ok = not ctx.active and views == 0 and pooled_in_memory
+    lbfgs_ok = not ctx.active and views == 0 and pooled_in_memory and not opts.online
     sgd_opt = "adamw" if opts.optimizer in ("auto", "lbfgs") else opts.optimizer
     heads = []
     for key, kind, options in requested:
@@ -318,7 +326,7 @@ def _plan(opts, train, ev, device, ctx) -> ProbePlan:
         raise UserError("kNN heads run in one process: run them without torchrun")
     lrs, wds, l2 = _grids(opts, sgd_opt)
     sgd_heads = [h for h in heads if h.trainer == "sgd"]
-    sgd_on_pooled = (bool(sgd_heads) and views == 0 and pooled_in_memory
+    sgd_on_pooled = (bool(sgd_heads) and views == 0 and pooled_in_memory and not opts.online
                      and all(h.features is not None for h in sgd_heads))
     pooled_once = sgd_on_pooled or any(h.trainer in ("lbfgs", "knn") and h.features for h in heads)
     sgd = TrainConfig(lrs=tuple(lrs), wds=tuple(wds), epochs=opts.epochs, batch_size=opts.batch_size,
@@ -331,9 +339,10 @@ def _plan(opts, train, ev, device, ctx) -> ProbePlan:
         tr, va, source = subsets.validation(usable, train.labels, sub, opts.val_fraction, seed, opts.val_from,
                                             cap=opts.val_max)
         splits.append(Split(seed, sub, tr, va, source))
+    online_input = online.prepare(opts, train, arrays, blocks, usable, device) if opts.online else None
     return ProbePlan(opts=opts, train=train, eval=ev, device=device, ctx=ctx, heads=tuple(heads), arrays=arrays,
                      blocks=blocks, num_classes=num_classes, has_cls=has_cls,
                      norm=train.final_norm() if opts.final_norm else None, sgd=sgd, l2=l2,
                      features=feature_names if pooled_once else (), sgd_on_pooled=sgd_on_pooled,
                      pooled_on_disk=pooled_once and not pooled_in_memory,
-                     eval_rows=eval_rows, usable_rows=usable, splits=tuple(splits))
+                     eval_rows=eval_rows, usable_rows=usable, splits=tuple(splits), online=online_input)

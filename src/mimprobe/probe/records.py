@@ -40,7 +40,7 @@ def protocol(plan: ProbePlan, split: Split) -> dict:
         sel = f"best val top-1 on {len(split.val_rows)} validation rows from {split.val_source} (per seed)"
     else:
         sel = "none: a single fixed grid point with --val-fraction 0"
-    return {
+    p = {
         "tokens": "final-norm" if o.final_norm else "raw (before the final norm)",
         "views": views,
         "train_input": f"{views} cached augmented views (one per sample per epoch)" if views
@@ -50,6 +50,9 @@ def protocol(plan: ProbePlan, split: Split) -> dict:
         "val_fraction": o.val_fraction,
         "val_from": o.val_from,
     }
+    if plan.online is not None:  # --online: train_input and an "online" block (probe/online.py)
+        p.update(plan.online.protocol())
+    return p
 
 
 def training(plan: ProbePlan, head: HeadPlan, out) -> dict:

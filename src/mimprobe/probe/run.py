@@ -157,13 +157,22 @@ def _run_sgd(plan: ProbePlan, split: Split, pooled: tuple[Pooled, Pooled] | None
             return Feeder(plan.train, rows, cfg.batch_size, device=dev, blocks=plan.arrays, shuffle=shuffle,
                           seed=split.seed, in_memory=o.in_memory, workers=o.workers, ctx=plan.ctx, views=views)
 
-        train_feed = tokens(split.train_rows, True, plan.train.num_views)
+        if plan.online is not None:  # --online: the backbone in the loop (probe/online.py)
+            from mimprobe.probe import online
+
+            train_feed = online.feeder(plan, split)
+        else:
+            train_feed = tokens(split.train_rows, True, plan.train.num_views)
         val_feed = tokens(split.val_rows, False) if len(split.val_rows) else None
         eval_feed = token_eval
     result = train_grid(headset, train_feed, cfg, dev, plan.ctx, checkpoint)
     points = [{"lr": lr, "wd": wd} for lr, wd in cfg.grid]
     reads = [train_feed] + ([val_feed] if val_feed is not None else [])
-    return _choose(plan, heads, headset, val_feed, eval_feed, points, result, reads)
+    outcomes = _choose(plan, heads, headset, val_feed, eval_feed, points, result, reads)
+    if plan.online is not None:
+        for out in outcomes.values():
+            out.timings.update(train_feed.timings())
+    return outcomes
 
 
 def _run_lbfgs(plan: ProbePlan, split: Split, pooled: tuple[Pooled, Pooled]) -> dict[str, Outcome]:

@@ -70,7 +70,9 @@ def row_key(r: dict) -> tuple:
     tokens = "final-norm" if p["tokens"].startswith("final") else "raw"
     selection = "fixed lr/wd" if p["selection"].startswith("none") else "val split of train"
     dtype = r["train_store"].get("dtype") or "?"
-    return (model, dataset, _subset_label(r["subset"]), dtype, tokens, str(p.get("views", 0)), selection)
+    online = p.get("online")  # probe --online: its own row, never averaged with cached rows
+    views = ("online" if online.get("augment", True) else "online (center crop)") if online else str(p.get("views", 0))
+    return (model, dataset, _subset_label(r["subset"]), dtype, tokens, views, selection)
 
 
 ROW_COLUMNS = ("model", "dataset", "train subset", "dtype", "tokens", "views", "selection")

@@ -114,6 +114,7 @@ def test_views_probe_draws_one_view_per_epoch(tmp_path):
         assert len(torch.cat(seen).unique()) == 3  # every view gets used over epochs
 
 
+@pytest.mark.slow
 def test_int8_store_half_size_and_same_accuracy(tmp_path, digits_folders, digits_stores):
     acc, size = {}, {}
     for dtype in ("float16", "int8"):

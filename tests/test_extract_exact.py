@@ -31,8 +31,8 @@ def reference_last_block(model, store: TokenStore, source) -> torch.Tensor:
 CASES = [
     # (model, img size, expected prefix tokens)
     (TINY, 32, 1),
-    ("vit_medium_patch16_gap_256", 32, 0),
-    ("vit_small_patch14_reg4_dinov2", 28, 5),
+    pytest.param("vit_medium_patch16_gap_256", 32, 0, marks=pytest.mark.slow),  # larger models: the full suite
+    pytest.param("vit_small_patch14_reg4_dinov2", 28, 5, marks=pytest.mark.slow),
 ]
 
 

@@ -158,6 +158,7 @@ def test_int8_scales_and_hdf5_chunks(stores, tmp_path, cli):
 
 
 # --- readers ----------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_streamed_errors_from_dataloader_workers_are_one_line(stores, tmp_path, cli):
     p = damaged_copy(stores["fp16"], tmp_path)
     delete(chunk_file(p, "tokens", 6))
@@ -171,6 +172,7 @@ def test_streamed_errors_from_dataloader_workers_are_one_line(stores, tmp_path, 
     assert code == 2 and "chunk 1 of tokens" in one_error_line(err) and "checksum mismatch" in err
 
 
+@pytest.mark.slow
 def test_predict_refuses_a_damaged_store(stores, tmp_path, cli):
     heads = tmp_path / "heads"
     code, out, err = cli("probe", stores["fp16"], stores["eval"], *PROBE, "--save-heads", heads)
@@ -337,6 +339,7 @@ def test_rerun_without_repair_finishes_a_store_that_lost_done_flags(ref_store, t
 
 
 # --- object storage -------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_s3_store_verify_and_refusal(stores, tmp_path, cli, s3):
     """A store in S3 (moto's server): verify reads every object, names a deleted and a corrupted one; a streamed
     probe refuses each in one line."""

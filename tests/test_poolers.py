@@ -37,6 +37,7 @@ def poolers_run(digits_stores, tmp_path_factory):
     return recs, saved
 
 
+@pytest.mark.slow
 def test_one_probe_run_trains_every_pooler(poolers_run):
     """One pass: one record per head, each with its spec and its trainable parameter count, one table."""
     recs, _ = poolers_run
@@ -50,6 +51,7 @@ def test_one_probe_run_trains_every_pooler(poolers_run):
     assert max(r["metrics"]["eval_top1"] for r in recs) > 0.5  # the features carry the digits
 
 
+@pytest.mark.slow
 def test_heatmaps_of_every_kind_of_attention(poolers_run, digits_stores, digits_folders, tmp_path, cli):
     """Mean maps for every head with attention; per-query grids for heads with several queries; the weights of the
     prefix tokens (content=all) and of CaiT's class token on itself left off the patch map."""

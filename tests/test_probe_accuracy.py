@@ -30,6 +30,7 @@ def _sklearn(train_p, test_p, feature, fit_rows, val_rows, cs):
     return val, fits[int(np.argmax(val))].score(scaler.transform(_pooled(te, te_rows, feature)), te.labels[te_rows])
 
 
+@pytest.mark.slow
 def test_default_linear_heads_match_logistic_regression(digits_stores):
     """No tuning flags: linear-mean and linear-cls land within 1 point of scikit-learn (standardized features, C
     chosen on the same validation rows from a wide grid)."""

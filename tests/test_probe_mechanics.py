@@ -109,6 +109,7 @@ def test_subsets_shots_fractions_files(stores, tmp_path):
     assert len(va2) == 12 and set(tr2) | set(va2) == set(f) and "subset" in where
 
 
+@pytest.mark.slow
 def test_few_shot_seeds_results_and_jsonl(stores, tmp_path, cli):
     out = tmp_path / "r.jsonl"
     code, stdout, err = cli("probe", *stores, "--head", "linear-mean,abmilp", "--shots", "4", "--seeds", "0,1,2",

@@ -19,10 +19,13 @@ def _ids(store: TokenStore, rows) -> set[str]:
     return {store.sample_ids[r] for r in rows}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shots", [1, 5, 10])
 def test_default_k_shot_trains_on_exactly_k_per_class_and_selects_outside(digits_stores, shots):
     train_p, test_p = digits_stores
-    heads = ["linear-cls", "linear-mean", "abmilp"] if shots == 5 else ["linear-mean", "abmilp"]
+    # the default grid and step floor for a token head at 1 and 5 shots; at 10 shots (10x the compute per step)
+    # the linear head alone, whose rows and validation split are what is checked here
+    heads = {1: ["linear-mean", "abmilp"], 5: ["linear-cls", "linear-mean", "abmilp"], 10: ["linear-mean"]}[shots]
     recs = run_probe(train_p, test_p, ProbeOptions(heads=heads, shots=shots, seeds=[0, 1, 2], quiet=True,
                                                    device="cpu"))
     tr, te = TokenStore.open(train_p), TokenStore.open(test_p)
@@ -43,7 +46,7 @@ def test_default_k_shot_trains_on_exactly_k_per_class_and_selects_outside(digits
             assert r["training"]["optimizer"] == "lbfgs"
         assert r["metrics"]["eval_top1"] > 0.2  # well above chance (10 classes) even from one shot
     # each seed draws its own shots and its own validation rows
-    ab = [r for r in recs if r["head"] == "abmilp"]
+    ab = [r for r in recs if r["head"] == heads[-1]]
     assert len({r["subset"]["hash"] for r in ab}) == 3 and len({r["validation"]["hash"] for r in ab}) == 3
 
 

@@ -21,6 +21,7 @@ from mimprobe.extract import ExtractOptions, extract
 s3fs = pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
 pytest.importorskip("webdataset")
+pytestmark = pytest.mark.slow  # a moto server and subprocess extractions
 
 
 IMG = 128  # 64 patches: slow enough to be killed mid-run
@@ -39,7 +40,6 @@ def _done_count(fs, key: str) -> int:
         return 0
 
 
-@pytest.mark.slow
 def test_s3_extract_kill_resume_probe(s3, tmp_path, tiny_ckpt, cli):
     from test_sources_hf_wds import write_shards
 

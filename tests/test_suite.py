@@ -86,6 +86,7 @@ def finished(tmp_path_factory):
     return root, suite
 
 
+@pytest.mark.slow
 def test_uninterrupted_run_and_report(finished):
     root, _ = finished
     recs = _records(root / "suite-out" / "results.jsonl")
@@ -112,6 +113,7 @@ def test_uninterrupted_run_and_report(finished):
     assert all(0 <= float(r["top1"]) <= 100 for r in rows)
 
 
+@pytest.mark.slow
 def test_rerun_of_a_finished_suite_adds_nothing(finished, cli):
     root, suite = finished
     results = root / "suite-out" / "results.jsonl"
@@ -125,6 +127,7 @@ def test_rerun_of_a_finished_suite_adds_nothing(finished, cli):
     assert "cells: 16 done, 0 to do" in out and out.count("complete: reused") == 8
 
 
+@pytest.mark.slow
 def test_a_run_killed_after_probing_but_before_recording_is_adopted(finished, cli):
     """The records a probe run wrote to its scratch file, but the suite did not append (killed in between), are
     recorded by the next run without probing again; leftovers of other runs are cleaned up."""

@@ -90,7 +90,7 @@ def format_table(records: list[dict]) -> str:
     if tie_heads:
         lines.append(f"ties: the validation rows could not tell the best grid points apart for {', '.join(tie_heads)}"
                      " (the lowest validation loss decided; for kNN the first in grid order); more validation rows "
-                     "(--val-fraction) would")
+                     "(--val-fraction) would separate them")
     return "\n".join(lines)
 
 

@@ -27,19 +27,11 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from mimprobe.errors import UserError
-from mimprobe.suite.plan import (
-    RECORD_FIELD,
-    Group,
-    SuitePlan,
-    base_head,
-    check_disk,
-    inspect_stores,
-    load_records,
-    make_plan,
-    mark_done,
-    read_store,
-)
+from mimprobe.suite.plan import Group, SuitePlan, make_plan
+from mimprobe.suite.records import RECORD_FIELD, base_head, load_records, mark_done
 from mimprobe.suite.spec import Suite
+from mimprobe.suite.stores import check_disk, inspect_stores, read_store
+from mimprobe.suite.tables import dry_run_text
 
 log = logging.getLogger("mimprobe")
 
@@ -109,8 +101,6 @@ def run_suite(suite: Suite, *, stage: str = "all", store_index: int | None = Non
 def dry_run(suite: Suite) -> tuple[str, str | None]:
     """The plan as tables (stores with their size estimates and status, cells done / to do) and why it does not
     fit the free disk (None when it does)."""
-    from mimprobe.suite.plan import check_disk, dry_run_text
-
     plan = make_plan(suite)
     inspect_stores(plan, estimate=True)
     mark_done(plan, load_records(suite.results))

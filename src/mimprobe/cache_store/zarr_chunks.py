@@ -114,36 +114,44 @@ class ZarrChunkFiles:
             return fs, f"{root.rstrip('/')}/{name}/c", arr.dtype, arr.chunks
         return None
 
-    def chunk_problem(self, name, c):
+    def _chunk_object(self, name, c):
+        """(filesystem or None for local, chunk file or object key, bytes of a full chunk) of chunk ``c`` of
+        ``name`` when its chunks are plain objects (see :meth:`_plain_object`); else None."""
         obj = self._plain_object(name)
         if obj is None:
             return None
         fs, root, dtype, chunks = obj
         need = int(np.prod(chunks)) * dtype.itemsize
         if fs is None:
-            return self._file_problem(chunk_file(root, chunks, c), need)
+            return None, chunk_file(root, chunks, c), need
+        return fs, "/".join([root, str(c)] + ["0"] * (len(chunks) - 1)), need
+
+    def chunk_problem(self, name, c):
+        loc = self._chunk_object(name, c)
+        if loc is None:
+            return None
+        fs, key, need = loc
+        if fs is None:
+            return self._file_problem(key, need)
         try:  # one HEAD request
-            size = remote_call(self.path, lambda: fs.size("/".join([root, str(c)] + ["0"] * (len(chunks) - 1))))
+            size = remote_call(self.path, lambda: fs.size(key))
         except FileNotFoundError:
             return "missing"
         return size_problem(int(size), need)
 
     def read_chunk_bytes(self, name, c, buf=None):
-        obj = self._plain_object(name)
-        if obj is None:
+        loc = self._chunk_object(name, c)
+        if loc is None:
             return None
-        fs, root, dtype, chunks = obj
-        need = int(np.prod(chunks)) * dtype.itemsize
+        fs, key, need = loc
         if fs is None:
-            path = chunk_file(root, chunks, c)
-            problem = self._file_problem(path, need)
+            problem = self._file_problem(key, need)
             if problem:
                 raise ChunkProblem(problem)
             try:
-                return map_bytes(path, 0, need)
+                return map_bytes(key, 0, need)
             except FileNotFoundError:  # removed since
                 raise ChunkProblem("missing") from None
-        key = "/".join([root, str(c)] + ["0"] * (len(chunks) - 1))
         try:
             data = remote_call(self.path, lambda: fs.cat_file(key))
         except FileNotFoundError:

@@ -1,13 +1,14 @@
 """What ``mimprobe extract`` is asked to do and what it reports: :class:`ExtractOptions` (every option of the
 command, with its default), :func:`validate` (refusing contradictory or out-of-range options before anything
-is loaded), and :class:`ExtractResult` (what one run did, and its one-line summary).
+is loaded), :func:`settings_diff` (how an existing store differs from what the options would make), and
+:class:`ExtractResult` (what one run did, and its one-line summary).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mimprobe.cache_store.schema import DTYPES
+from mimprobe.cache_store.schema import DTYPES, identity_diff
 from mimprobe.data.transforms import DECODE_MODES
 from mimprobe.errors import UserError
 from mimprobe.units import human_bytes
@@ -84,3 +85,11 @@ def validate(opts: ExtractOptions) -> None:
         raise UserError("--chunk-rows must be positive")
     if opts.repair and opts.overwrite:
         raise UserError("--repair keeps a store and fixes it, --overwrite replaces it: choose one")
+
+
+def settings_diff(store, attrs: dict, opts: ExtractOptions) -> list[str]:
+    """How ``store``'s identity differs from a store made with ``attrs`` and ``opts`` (its chunk rows are
+    compared only when ``--chunk-rows`` was given)."""
+    auto_rows = opts.chunk_rows is None
+    want = dict(attrs, dtype=opts.dtype, chunk_rows=store.chunk_rows if auto_rows else opts.chunk_rows)
+    return identity_diff(store.attrs, want)

@@ -10,9 +10,9 @@ import logging
 
 from mimprobe.cache_store.formats import backend_class
 from mimprobe.cache_store.layout import Layout, plan_layout
-from mimprobe.cache_store.schema import identity_diff
 from mimprobe.cache_store.store import TokenStore
 from mimprobe.errors import UserError
+from mimprobe.extract.options import settings_diff
 
 log = logging.getLogger("mimprobe")
 
@@ -46,9 +46,7 @@ def repair_store(path, fmt, bb, source, rows, opts, layers, attrs) -> tuple[Toke
         fixed.append("attributes rewritten")
         report = verify_store(path, fmt, quiet=opts.quiet)
     store = TokenStore.open(path, "r+", fmt)
-    auto_rows = opts.chunk_rows is None
-    want = dict(attrs, dtype=opts.dtype, chunk_rows=store.chunk_rows if auto_rows else opts.chunk_rows)
-    diff = identity_diff(store.attrs, want)
+    diff = settings_diff(store, attrs, opts)
     if diff:
         store.close()
         raise UserError(f"{path}: was made with other settings than this command ({'; '.join(diff[:3])}); --repair "

@@ -11,12 +11,11 @@ import logging
 import numpy as np
 
 import mimprobe
-from mimprobe.cache_store.schema import identity_diff
 from mimprobe.cache_store.store import TokenStore
 from mimprobe.errors import UserError, reason
 from mimprobe.extract.backbone import Backbone
 from mimprobe.extract.dataset import preprocessing_attrs
-from mimprobe.extract.options import ExtractOptions
+from mimprobe.extract.options import ExtractOptions, settings_diff
 from mimprobe.extract.repair import repair_store
 
 log = logging.getLogger("mimprobe")
@@ -53,9 +52,7 @@ def open_or_create(path, fmt, bb, source, rows, opts, layers) -> tuple[TokenStor
         except UserError:
             store = None  # creation was interrupted before the attributes: start again
         if store is not None:
-            auto_rows = opts.chunk_rows is None
-            want = dict(attrs, dtype=opts.dtype, chunk_rows=store.chunk_rows if auto_rows else opts.chunk_rows)
-            diff = identity_diff(store.attrs, want)
+            diff = settings_diff(store, attrs, opts)
             if diff:
                 store.close()
                 raise UserError(f"{path}: exists and was made with other settings ({'; '.join(diff[:3])}); "

@@ -39,7 +39,7 @@ def probe_epoch_case(path: str, *, head: str, batch_size: int, feed: str, lr: fl
     def run():
         store = TokenStore.open(path)
         rows = np.arange(store.num_samples)
-        f = Feeder(store, rows, batch_size, device=cpu, blocks=["tokens"], shuffle=True, seed=0,
+        f = Feeder(store, rows, batch_size, device=cpu, arrays=["tokens"], shuffle=True, seed=0,
                    in_memory=FEED[feed], workers=0)
         heads = build_heads({head: (head, {}, [0])}, dim=store.dim, num_classes=int(store.labels.max()) + 1,
                             num_prefix=store.num_prefix_tokens, members=1, seed=0, norm=None)

@@ -41,7 +41,8 @@ import torch
 import _bench
 import _fixtures as fx
 from mimprobe.cache_store import TokenStore
-from mimprobe.cache_store.reader import ChunkRows, _rows_by_chunk, gather, load_rows
+from mimprobe.cache_store.batches import ChunkRows, gather, rows_by_chunk
+from mimprobe.cache_store.reader import load_rows
 from mimprobe.cache_store.store import VERIFY_READS_ENV
 from mimprobe.cache_store.verify import verify_store
 from mimprobe.extract.backbone import load_backbone
@@ -101,7 +102,7 @@ def stream_cases(path: str, batch_size: int) -> tuple[_bench.Case, _bench.Case]:
         if verify:
             os.environ[VERIFY_READS_ENV] = "1"
         try:
-            feed = Feeder(store, rows, batch_size, device=torch.device("cpu"), blocks=["tokens"], shuffle=True, seed=0,
+            feed = Feeder(store, rows, batch_size, device=torch.device("cpu"), arrays=["tokens"], shuffle=True, seed=0,
                           in_memory=False, workers=0)
             feed.set_epoch(epoch[0])
             epoch[0] += 1
@@ -121,7 +122,7 @@ def load_cases(path: str) -> tuple[_bench.Case, _bench.Case]:
     nbytes = store.num_samples * store.num_tokens * store.dim * store.codec.storage_dtype.itemsize
 
     def unchecked():
-        parts = [ChunkRows(store, c, r, ["tokens"], verify=False) for c, r in _rows_by_chunk(rows, store.chunk_rows).items()]
+        parts = [ChunkRows(store, c, r, ["tokens"], verify=False) for c, r in rows_by_chunk(rows, store.chunk_rows).items()]
         data = gather(parts, [np.arange(len(p)) for p in parts], store.labels, store.codec)
         data.x.contiguous()
 

@@ -94,7 +94,7 @@ def feeder_case(path: str, fmt: str, batch_size: int, name: str, **settings) -> 
     store = TokenStore.open(path, "r", fmt)
     rows = np.arange(store.num_samples)
     nbytes = store.num_samples * store.num_tokens * store.dim * store.codec.storage_dtype.itemsize
-    feed = Feeder(store, rows, batch_size, device=torch.device("cpu"), blocks=["tokens"], shuffle=True, seed=0,
+    feed = Feeder(store, rows, batch_size, device=torch.device("cpu"), arrays=["tokens"], shuffle=True, seed=0,
                   in_memory=False, **settings)
     feed.reader.keep_maps = False  # as for a store larger than RAM (kept maps would also keep its pages cached)
     epoch = [0]

@@ -42,7 +42,7 @@ TARGET = (">=", 0.9)
 def _feeder(store, batch_size, **settings):
     settings.setdefault("in_memory", False)
     feed = Feeder(store, np.arange(store.num_samples), batch_size, device=torch.device(settings.pop("device", "cpu")),
-                  blocks=["tokens"], shuffle=True, seed=0, **settings)
+                  arrays=["tokens"], shuffle=True, seed=0, **settings)
     if not feed.in_memory:
         feed.reader.keep_maps = False  # as for a store larger than RAM (kept maps would also keep its pages cached)
     return feed

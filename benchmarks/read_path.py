@@ -59,7 +59,7 @@ def reader_case(path: str, fmt: str, batch_size: int, workers: int, buffer_chunk
     rows = np.arange(store.num_samples)
     nbytes = store.num_samples * store.num_tokens * store.dim * store.codec.storage_dtype.itemsize
     keep_maps = settings.pop("keep_maps", "auto")
-    feed = Feeder(store, rows, batch_size, device=torch.device("cpu"), blocks=["tokens"], shuffle=True,
+    feed = Feeder(store, rows, batch_size, device=torch.device("cpu"), arrays=["tokens"], shuffle=True,
                   seed=0, in_memory=False, workers=workers, buffer_chunks=buffer_chunks, **settings)
     feed.reader.keep_maps = keep_maps
     epoch = [0]

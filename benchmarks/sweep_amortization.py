@@ -77,7 +77,7 @@ def main(argv=None):
         path = fx.write_store(os.path.join(tmp, "train.zarr"), tokens, labels)
         del tokens
         store = TokenStore.open(path)
-        feed = Feeder(store, np.arange(args.n), args.batch_size, device=torch.device("cpu"), blocks=["tokens"],
+        feed = Feeder(store, np.arange(args.n), args.batch_size, device=torch.device("cpu"), arrays=["tokens"],
                       shuffle=True, seed=0, in_memory=FEED[args.feed], workers=0)
         for kind in args.heads.split(","):
             a = grid_case(store, feed, kind, lrs, wds, args.epochs, args.batch_size)

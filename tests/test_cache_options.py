@@ -103,7 +103,7 @@ def test_views_probe_draws_one_view_per_epoch(tmp_path):
     p = synthetic_store(tmp_path / "v.zarr", base, np.arange(n) % 2, views=views, chunk_rows=5)
     s = TokenStore.open(p)
     for in_memory in (True, False):
-        f = Feeder(s, np.arange(n), 8, device=torch.device("cpu"), blocks=["tokens"], shuffle=True, seed=0,
+        f = Feeder(s, np.arange(n), 8, device=torch.device("cpu"), arrays=["tokens"], shuffle=True, seed=0,
                    in_memory=in_memory, views=3)
         seen = []
         for epoch in range(6):

@@ -61,7 +61,7 @@ def test_grid_in_one_pass_equals_each_member_alone(stores, kind):
 
     def train(lrs, wds):
         cfg = TrainConfig(lrs=lrs, wds=wds, epochs=2, batch_size=32, optimizer=optimizer, quiet=True)
-        feed = Feeder(store, rows, 32, device=torch.device("cpu"), blocks=["tokens"], shuffle=True, seed=5,
+        feed = Feeder(store, rows, 32, device=torch.device("cpu"), arrays=["tokens"], shuffle=True, seed=5,
                       in_memory=True)
         k, opts = parse_spec(SMALL_SPEC.get(kind, kind))
         hs = build_heads({kind: (k, opts, [0])}, dim=D_SMALL, num_classes=3, num_prefix=1, members=len(cfg.grid),

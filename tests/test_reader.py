@@ -94,7 +94,7 @@ def _feeder(store, **kw):
     from mimprobe.probe.feed import Feeder
 
     s = TokenStore.open(store)
-    opts = dict(device=torch.device("cpu"), blocks=["tokens"], shuffle=True, seed=5, in_memory=False,
+    opts = dict(device=torch.device("cpu"), arrays=["tokens"], shuffle=True, seed=5, in_memory=False,
                 buffer_chunks=4)
     opts.update(kw)
     return Feeder(s, np.arange(s.num_samples), opts.pop("batch_size", 12), **opts)

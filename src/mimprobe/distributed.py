@@ -79,6 +79,11 @@ def run_on_main(ctx: DistContext, fn):
     return result
 
 
+def shared_from_main(ctx: DistContext, fn):
+    """``fn()`` on rank 0, its result shared with every rank (a UserError there is raised everywhere)."""
+    return broadcast_object(ctx, run_on_main(ctx, fn))
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

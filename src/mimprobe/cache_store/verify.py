@@ -8,13 +8,15 @@ the record. Data is read in storage order, each chunk mapped whole (no copy: the
 two chunks in flight (the CRC releases the GIL), so a store on disk verifies at about the speed the disk reads.
 
 A store written before checksums existed gets the same checks less the CRCs (presence and size only).
+
+This module owns the checks (and the cheap presence look of ``mimprobe info``); what they find is gathered in
+a :class:`~.verify_report.VerifyReport` (:mod:`.verify_report`), which also words the verdict.
 """
 
 from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import numpy as np
 from tqdm import tqdm
@@ -23,89 +25,11 @@ from mimprobe.cache_store import quant
 from mimprobe.cache_store.formats import backend_class, infer_format
 from mimprobe.cache_store.integrity import ALGORITHM, ChunkProblem, StoreDamaged, crc, strings_crc
 from mimprobe.cache_store.schema import SCHEMA_VERSION, TokenCodec, scales_name
+from mimprobe.cache_store.verify_report import Damage, VerifyReport
 from mimprobe.errors import UserError, reason
-from mimprobe.units import human_bytes
 
 REQUIRED_ATTRS = ("schema_version", "dtype", "chunk_rows", "num_chunks", "num_samples", "num_tokens", "embed_dim",
                   "arrays", "model", "dataset")
-
-
-@dataclass
-class Damage:
-    kind: str  # chunk | index | metadata | attributes | done
-    array: str  # "" for the store's own metadata / attributes
-    what: str
-    chunk: int | None = None
-    rows: tuple[int, int] | None = None
-
-    def line(self) -> str:
-        if self.chunk is not None:
-            rows = f" (rows {self.rows[0]}-{self.rows[1] - 1})" if self.rows else ""
-            return f"{self.array} chunk {self.chunk}{rows}: {self.what}"
-        return f"{self.array or 'attributes'}: {self.what}"
-
-
-@dataclass
-class VerifyReport:
-    path: str
-    format: str
-    damage: list[Damage] = field(default_factory=list)
-    has_checksums: bool = False
-    num_chunks: int = 0
-    done_chunks: int = 0
-    complete: bool = False
-    arrays_checked: list[str] = field(default_factory=list)
-    chunk_records: int = 0
-    bytes_read: int = 0
-    seconds: float = 0.0
-    unreadable: str | None = None  # the store's metadata cannot be read: nothing else was checked
-
-    @property
-    def ok(self) -> bool:
-        return not self.damage
-
-    def chunks_to_redo(self) -> set[int]:
-        """Chunks whose data, checksum record or done flag is damaged: re-extracted by ``extract --repair``."""
-        return {d.chunk for d in self.damage if d.kind in ("chunk", "done") and d.chunk is not None}
-
-    def index_damage(self) -> set[str]:
-        return {d.array for d in self.damage if d.kind == "index"}
-
-    def metadata_damage(self) -> set[str]:
-        return {d.array for d in self.damage if d.kind == "metadata"}
-
-    def verdict(self) -> str:
-        what = (f"{len(self.arrays_checked)} array(s) x {self.done_chunks} done chunk(s) "
-                f"({self.chunk_records} chunk records), index arrays, done flags and attributes")
-        how = f"{ALGORITHM} checksums" if self.has_checksums else \
-            "presence and size only: no checksums (written before mimprobe recorded them)"
-        rate = f"{human_bytes(self.bytes_read)} in {self.seconds:.2f} s" + (
-            f" ({human_bytes(self.bytes_read / self.seconds)}/s)" if self.seconds > 0 else "")
-        progress = (f"{self.done_chunks}/{self.num_chunks} chunks done" +
-                    ("" if self.done_chunks == self.num_chunks or self.complete else
-                     " (incomplete: finish it with the same extract command)"))
-        if self.ok:
-            return f"{self.path}: OK: {progress}; {what} checked ({how}); {rate}"
-        if self.unreadable:
-            return f"{self.path}: DAMAGED: {self.unreadable}; nothing else could be checked"
-        kinds: dict[str, int] = {}
-        for d in self.damage:
-            kinds[d.kind] = kinds.get(d.kind, 0) + 1
-        names = {"chunk": "damaged chunk record(s)", "index": "damaged index array(s)",
-                 "metadata": "damaged array metadata", "attributes": "attribute problem(s)",
-                 "done": "done flag problem(s)"}
-        summary = ", ".join(f"{n} {names[k]}" for k, n in kinds.items())
-        return f"{self.path}: DAMAGED: {summary}; {progress}; ({how}); {rate}"
-
-    def repair_hint(self) -> str:
-        fixable = all(d.kind in ("chunk", "done", "index", "metadata") or d.array == "" for d in self.damage)
-        if self.format == "hdf5" and (self.unreadable or self.metadata_damage()):
-            return ("repair: HDF5 metadata cannot be rewritten in place; re-extract with the same `mimprobe extract` "
-                    "command and --overwrite")
-        if fixable:
-            return ("repair: re-run the `mimprobe extract` command that made the store, with --repair (only the "
-                    "damaged chunks are extracted again)")
-        return "repair: re-extract with the same `mimprobe extract` command and --overwrite"
 
 
 def _expected_arrays(attrs: dict) -> dict[str, tuple[tuple, np.dtype | type, tuple]]:

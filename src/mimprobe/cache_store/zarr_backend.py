@@ -13,10 +13,12 @@ still open here: nothing in mimprobe reads the names.
 Object storage (``s3://``, through s3fs): every chunk is one object written by one PUT, which S3 makes visible
 whole or not at all; the ``done`` flag of a chunk is its own object, PUT only after the chunk's data objects
 returned. A writer killed at any point leaves complete chunk objects or none, so there is no ``*.partial``
-to clean and resume only trusts ``done``. Endpoint and credentials come from the environment as s3fs/botocore
-read them (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE``, ``AWS_ENDPOINT_URL`` or
-``AWS_ENDPOINT_URL_S3``, fsspec's ``FSSPEC_S3_ENDPOINT_URL``, ``AWS_MAX_ATTEMPTS``). A bucket that cannot be
-reached, or refuses us, is one clear :class:`~mimprobe.errors.UserError`.
+to clean and resume only trusts ``done``. Reaching the object store (filesystems, credentials, errors) is
+:mod:`.zarr_remote`.
+
+This module owns the container (create, open, remove, rewrite damaged metadata), the arrays as zarr makes them
+(with their dimension names), the attributes and housekeeping; reading chunk files directly, without zarr, is
+:class:`~.zarr_chunks.ZarrChunkFiles`, which ``ZarrBackend`` inherits.
 """
 
 from __future__ import annotations
@@ -26,16 +28,14 @@ import shutil
 
 import numpy as np
 import zarr
-from zarr.storage import LocalStore
 
-from mimprobe.cache_store.backend import Backend, allocated_bytes, as_str_list, is_url, map_bytes
-from mimprobe.cache_store.integrity import ChunkProblem, StoreDamaged, size_problem
-from mimprobe.errors import UserError, first_line, reason
+from mimprobe.cache_store.backend import Backend, allocated_bytes, as_str_list, is_url
+from mimprobe.cache_store.integrity import StoreDamaged
+from mimprobe.cache_store.zarr_chunks import ZarrChunkFiles
+from mimprobe.cache_store.zarr_remote import remote_call, storage_error, storage_options, url_fs
+from mimprobe.errors import UserError, reason
 
 ARRAY_CONFIG = {"write_empty_chunks": True}
-
-EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure"}
-_PACKAGES = {"s3": "s3fs", "gcs": "gcsfs", "azure": "adlfs"}
 
 
 def dimension_names(name: str, ndim: int) -> tuple[str, ...] | None:
@@ -66,102 +66,7 @@ def _coordinates(name: str, ndim: int) -> dict | None:
     return {"coordinates": "sample_ids labels"}
 
 
-def storage_error(path: str, e: BaseException, writing: bool = False) -> UserError | None:
-    """A one-line :class:`UserError` for a failure of a remote store that the user can fix (unreachable
-    endpoint, missing bucket, refused credentials), else None (then it is a bug and keeps its traceback).
-    ``writing``: it happened while chunks were being written (they are kept: re-run to resume)."""
-    if not is_url(path) or path.startswith("file://"):
-        return None
-    kind = None
-    try:
-        import botocore.exceptions as bx
-
-        if isinstance(e, (bx.EndpointConnectionError, bx.ConnectTimeoutError, bx.ReadTimeoutError)):
-            kind = "cannot reach the endpoint"
-        elif isinstance(e, bx.NoCredentialsError):
-            kind = "no credentials"
-        elif isinstance(e, bx.BotoCoreError):
-            kind = "object store error"
-    except ImportError:
-        pass
-    if kind is None:
-        if isinstance(e, FileNotFoundError):
-            if "bucket" not in str(e).lower():
-                return None  # a missing object: the caller says what it means
-            kind = "no such bucket"
-        elif isinstance(e, PermissionError):
-            kind = "access refused"
-        elif isinstance(e, (ConnectionError, TimeoutError)):
-            kind = "cannot reach the endpoint"
-        elif isinstance(e, OSError):
-            kind = "object store error"
-    if kind is None:
-        return None
-    msg = first_line(e)
-    after = "; finished chunks are kept: re-run the same command to resume" if writing else ""
-    return UserError(f"{path}: {kind} ({msg}); check the bucket name, the endpoint (AWS_ENDPOINT_URL) and the "
-                     f"credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE){after}")
-
-
-def _remote(path: str, what):
-    """Run ``what()`` on a remote store; turn a user-fixable storage failure into one line."""
-    try:
-        return what()
-    except UserError:
-        raise
-    except Exception as e:
-        err = storage_error(path, e)
-        if err is None:
-            raise
-        raise err from None
-
-
-def _storage_options(path: str) -> dict | None:
-    """fsspec options for a URL: the local filesystem must create chunk directories itself."""
-    if not is_url(path):
-        return None
-    return {"auto_mkdir": True} if path.startswith("file://") else {}
-
-
-def _fsspec(path: str):
-    """(filesystem, path inside it) for a URL; a clear error when its fsspec backend is missing."""
-    import fsspec
-
-    try:
-        fs, p = fsspec.core.url_to_fs(path, **(_storage_options(path) or {}))
-    except (ImportError, ValueError) as e:
-        scheme = path.split("://", 1)[0]
-        if scheme in EXTRAS:
-            extra = EXTRAS[scheme]
-            raise UserError(f"{path}: {scheme}:// stores need {_PACKAGES[extra]}: pip install 'mimprobe[{extra}]'"
-                            if extra == "s3" else
-                            f"{path}: {scheme}:// stores need {_PACKAGES[extra]}: pip install {_PACKAGES[extra]}") from None
-        raise UserError(
-            f"{path}: no filesystem for '{scheme}://' ({e}); install its fsspec backend (e.g. s3fs, gcsfs)"
-        ) from None
-    fs.invalidate_cache()  # fsspec caches instances and listings: another process may have written since
-    return fs, p
-
-
-def _chunk_file(root: str, chunks: tuple, c: int) -> str:
-    """The file of chunk ``c`` (along the first axis; the array is not split along the others)."""
-    return os.path.join(root, str(c), *["0"] * (len(chunks) - 1))
-
-
-RAW_CODECS = ({"name": "bytes", "configuration": {"endian": "little"}},)
-
-
-def _plain_chunks(arr) -> bool:
-    """Whether every chunk of ``arr`` is stored as its plain little-endian C-order bytes, one object per chunk
-    under ``c/`` (the layout this backend creates)."""
-    meta = arr.metadata.to_dict()
-    codecs = tuple(meta.get("codecs", ()))
-    one_byte = arr.dtype.itemsize == 1 and codecs in (({"name": "bytes"},), ({"name": "bytes", "configuration": {}},))
-    return ((codecs == RAW_CODECS or one_byte) and arr.dtype.kind in "fiub"
-            and meta["chunk_key_encoding"] == {"name": "default", "configuration": {"separator": "/"}})
-
-
-class ZarrBackend(Backend):
+class ZarrBackend(ZarrChunkFiles, Backend):
     format = "zarr"
     suffixes = (".zarr",)
 
@@ -174,16 +79,16 @@ class ZarrBackend(Backend):
     @staticmethod
     def exists(path: str) -> bool:
         if is_url(path):
-            fs, p = _fsspec(path)
-            return _remote(path, lambda: fs.exists(p.rstrip("/") + "/zarr.json"))
+            fs, p = url_fs(path)
+            return remote_call(path, lambda: fs.exists(p.rstrip("/") + "/zarr.json"))
         return os.path.exists(os.path.join(path, "zarr.json"))
 
     @staticmethod
     def remove(path: str) -> None:
         if is_url(path):
-            fs, p = _fsspec(path)
-            if _remote(path, lambda: fs.exists(p)):
-                _remote(path, lambda: fs.rm(p, recursive=True))
+            fs, p = url_fs(path)
+            if remote_call(path, lambda: fs.exists(p)):
+                remote_call(path, lambda: fs.rm(p, recursive=True))
         elif os.path.isdir(path):
             shutil.rmtree(path)
         elif os.path.exists(path):
@@ -192,20 +97,20 @@ class ZarrBackend(Backend):
     @classmethod
     def create(cls, path: str, overwrite: bool = False) -> "ZarrBackend":
         if is_url(path):
-            _fsspec(path)
+            url_fs(path)
         else:
             os.makedirs(path, exist_ok=True)
-        g = _remote(path, lambda: zarr.open_group(path, mode="w" if overwrite else "a", zarr_format=3,
-                                                  storage_options=_storage_options(path)))
+        g = remote_call(path, lambda: zarr.open_group(path, mode="w" if overwrite else "a", zarr_format=3,
+                                                      storage_options=storage_options(path)))
         return cls(g, path)
 
     @classmethod
     def open(cls, path: str, mode: str = "r") -> "ZarrBackend":
         if is_url(path):
-            _fsspec(path)
+            url_fs(path)
         try:
-            g = _remote(path, lambda: zarr.open_group(path, mode=mode, zarr_format=3,
-                                                      storage_options=_storage_options(path)))
+            g = remote_call(path, lambda: zarr.open_group(path, mode=mode, zarr_format=3,
+                                                          storage_options=storage_options(path)))
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeNotFoundError):
             raise UserError(f"{path}: not a mimprobe store (no zarr group there)") from None
         except UserError:
@@ -219,13 +124,14 @@ class ZarrBackend(Backend):
         """Replace a damaged root ``zarr.json`` by an empty group's (the arrays under it are left as they are);
         the caller then writes the attributes."""
         if is_url(path):
-            fs, p = _fsspec(path)
+            fs, p = url_fs(path)
             key = p.rstrip("/") + "/zarr.json"
-            if _remote(path, lambda: fs.exists(key)):
-                _remote(path, lambda: fs.rm(key))
+            if remote_call(path, lambda: fs.exists(key)):
+                remote_call(path, lambda: fs.rm(key))
         elif os.path.exists(os.path.join(path, "zarr.json")):
             os.remove(os.path.join(path, "zarr.json"))
-        _remote(path, lambda: zarr.open_group(path, mode="a", zarr_format=3, storage_options=_storage_options(path)))
+        remote_call(path, lambda: zarr.open_group(path, mode="a", zarr_format=3,
+                                                  storage_options=storage_options(path)))
 
     def rewrite_array_metadata(self, name, shape, dtype, chunks) -> None:
         """Write ``name``'s ``zarr.json`` as :meth:`create_array` would, keeping its chunks: the document is made
@@ -235,8 +141,8 @@ class ZarrBackend(Backend):
         tmp.create_array(name, shape, dtype, chunks)
         doc = mem._store_dict[f"{name}/zarr.json"].to_bytes()
         if is_url(self.path):
-            fs, p = _fsspec(self.path)
-            _remote(self.path, lambda: fs.pipe_file(f"{p.rstrip('/')}/{name}/zarr.json", doc))
+            fs, p = url_fs(self.path)
+            remote_call(self.path, lambda: fs.pipe_file(f"{p.rstrip('/')}/{name}/zarr.json", doc))
         else:
             os.makedirs(os.path.join(self.path, name), exist_ok=True)
             tmp_path = os.path.join(self.path, name, "zarr.json.partial")
@@ -275,150 +181,12 @@ class ZarrBackend(Backend):
                 raise err from None
             raise StoreDamaged.array(self.path, f"the metadata of {name} ({name}/zarr.json)", reason(e)) from None
 
-    def read_all(self, name):
-        """Plain chunk files are read directly: zarr's per-chunk overhead makes ``labels`` of an ImageNet
-        store (23k chunks of 55 rows) take ~12 s through the library, ~1 s this way."""
-        layout = self._raw_layout(name)
-        if layout is None:
-            return super().read_all(name)
-        root, dtype, chunks = layout
-        arr = self.array(name)
-        shape = arr.shape
-        if tuple(chunks[1:]) != tuple(shape[1:]):
-            return super().read_all(name)
-        n_chunks = -(-shape[0] // chunks[0])
-        per_chunk = int(np.prod(chunks))
-        parts = []
-        for c in range(n_chunks):
-            path = _chunk_file(root, chunks, c)
-            if not os.path.isfile(path):
-                parts.append(np.full(per_chunk, arr.fill_value, dtype))  # never written
-                continue
-            part = np.fromfile(path, dtype=dtype)
-            if part.size != per_chunk:  # a plain chunk of another size: damaged
-                raise StoreDamaged.chunk(self.path, name, c, size_problem(part.nbytes, per_chunk * dtype.itemsize),
-                                         self.chunk_rows_of(name, c))
-            parts.append(part)
-        out = np.concatenate(parts) if parts else np.zeros(0, dtype)
-        return out.reshape((-1,) + tuple(chunks[1:]))[: shape[0]].reshape(shape)
-
     def has(self, name):
         try:
             self.array(name)
             return True
         except KeyError:
             return False
-
-    def _raw_layout(self, name):
-        """(chunk directory, dtype, chunk shape) when chunks of ``name`` are plain little-endian C-order files."""
-        if name not in self._raw:
-            arr = self.array(name)
-            store = arr.store_path.store
-            plain = _plain_chunks(arr) and isinstance(store, LocalStore)
-            self._raw[name] = ((os.path.join(str(store.root), arr.store_path.path, "c"), arr.dtype, arr.chunks)
-                               if plain else None)
-        return self._raw[name]
-
-    def raw_chunk_file(self, name, c):
-        layout = self._raw_layout(name)
-        if layout is None:
-            return None
-        root, dtype, chunks = layout
-        path = _chunk_file(root, chunks, c)
-        problem = self._file_problem(path, int(np.prod(chunks)) * dtype.itemsize)
-        if problem:  # mapping bytes past the end of a file would kill the process (SIGBUS) when read
-            raise StoreDamaged.chunk(self.path, name, c, problem, self.chunk_rows_of(name, c))
-        return path, 0, dtype, tuple(chunks)
-
-    def chunk_path(self, name, c):
-        layout = self._raw_layout(name)
-        return None if layout is None else _chunk_file(layout[0], layout[2], c)
-
-    @staticmethod
-    def _file_problem(path: str, need: int) -> str | None:
-        try:
-            size = os.path.getsize(path)
-        except FileNotFoundError:
-            return "missing"
-        return size_problem(size, need)
-
-    def _plain_object(self, name):
-        """(filesystem or None for local, chunk directory or key prefix, dtype, chunk shape) when ``name``'s
-        chunks are plain little-endian C-order objects, locally or in an fsspec store; else None."""
-        layout = self._raw_layout(name)
-        if layout is not None:
-            root, dtype, chunks = layout
-            return None, root, dtype, chunks
-        arr = self.array(name)
-        if _plain_chunks(arr) and is_url(self.path):
-            if getattr(self, "_sync_fs", None) is None:  # zarr's own filesystem is asynchronous: a synchronous one
-                self._sync_fs = _fsspec(self.path)
-            fs, root = self._sync_fs
-            return fs, f"{root.rstrip('/')}/{name}/c", arr.dtype, arr.chunks
-        return None
-
-    def chunk_problem(self, name, c):
-        obj = self._plain_object(name)
-        if obj is None:
-            return None
-        fs, root, dtype, chunks = obj
-        need = int(np.prod(chunks)) * dtype.itemsize
-        if fs is None:
-            return self._file_problem(_chunk_file(root, chunks, c), need)
-        try:  # one HEAD request
-            size = _remote(self.path, lambda: fs.size("/".join([root, str(c)] + ["0"] * (len(chunks) - 1))))
-        except FileNotFoundError:
-            return "missing"
-        return size_problem(int(size), need)
-
-    def read_chunk_bytes(self, name, c, buf=None):
-        obj = self._plain_object(name)
-        if obj is None:
-            return None
-        fs, root, dtype, chunks = obj
-        need = int(np.prod(chunks)) * dtype.itemsize
-        if fs is None:
-            path = _chunk_file(root, chunks, c)
-            problem = self._file_problem(path, need)
-            if problem:
-                raise ChunkProblem(problem)
-            try:
-                return map_bytes(path, 0, need)
-            except FileNotFoundError:  # removed since
-                raise ChunkProblem("missing") from None
-        key = "/".join([root, str(c)] + ["0"] * (len(chunks) - 1))
-        try:
-            data = _remote(self.path, lambda: fs.cat_file(key))
-        except FileNotFoundError:
-            raise ChunkProblem("missing") from None
-        problem = size_problem(len(data), need)
-        if problem:
-            raise ChunkProblem(problem)
-        return memoryview(data)
-
-    def stored_chunks(self, name):
-        obj = self._plain_object(name)
-        if obj is None:
-            return None
-        fs, root, dtype, chunks = obj
-        tail = ["0"] * (len(chunks) - 1)
-        if fs is None:
-            try:
-                listed = os.listdir(root)
-            except FileNotFoundError:
-                return set()
-            return {int(k) for k in listed if k.isdigit() and os.path.isfile(os.path.join(root, k, *tail))}
-        try:
-            keys = _remote(self.path, lambda: fs.find(root))
-        except FileNotFoundError:
-            return set()
-        prefix = root.rstrip("/") + "/"
-        out = set()
-        for key in keys:
-            parts = key[len(prefix):].split("/") if key.startswith(prefix) else []
-            if parts and parts[0].isdigit() and parts[1:] == tail:
-                out.add(int(parts[0]))
-        return out
 
     def read_strings(self, name, start=0, stop=None):
         return as_str_list(self.array(name)[start:stop])
@@ -445,6 +213,6 @@ class ZarrBackend(Backend):
 
     def size_on_disk(self):
         if is_url(self.path):
-            fs, p = _fsspec(self.path)
-            return int(_remote(self.path, lambda: fs.du(p)))
+            fs, p = url_fs(self.path)
+            return int(remote_call(self.path, lambda: fs.du(p)))
         return allocated_bytes(self.path)

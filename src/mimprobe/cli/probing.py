@@ -68,7 +68,7 @@ def probe(
 
     _quiet(quiet)
     if verify_reads:  # read by every store opened from here on, DataLoader workers included
-        from mimprobe.cache_store.store import VERIFY_READS_ENV
+        from mimprobe.cache_store.chunk_io import VERIFY_READS_ENV
 
         os.environ[VERIFY_READS_ENV] = "1"
     opts = ProbeOptions(

@@ -4,6 +4,11 @@ Rows are a seeded random permutation of the dataset (so chunk-shuffled reading g
 processes owns chunks r, r+W, ...; each chunk is computed in batches that stay inside it, written by a
 background thread, and flagged ``done`` only after its data is flushed. Re-running continues with the chunks
 not done, whatever the number of processes.
+
+This module owns the run (:func:`extract`: source, backbone, store, ranks, the final attributes) and the
+pipeline loop (:func:`extract_chunks`: decode workers, forward pass, chunks handed to the writer, the ordered
+shutdown); the options are :mod:`.options`, the store's creation and resume :mod:`.stores` and
+:mod:`.repair`, the chunk writer thread :mod:`.writer`.
 """
 
 from __future__ import annotations
@@ -12,312 +17,33 @@ import contextlib
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-import mimprobe
-from mimprobe.cache_store.schema import DTYPES, identity_diff, resolve_layers
-from mimprobe.cache_store.store import Layout, TokenStore, plan_layout
 from mimprobe.cache_store.formats import backend_class, infer_format
+from mimprobe.cache_store.schema import resolve_layers
+from mimprobe.cache_store.store import TokenStore
 from mimprobe.data.sources import open_source, seeded_rows
 from mimprobe.distributed import all_gather_object, barrier, broadcast_object, init_distributed, resolve_device, run_on_main
-from mimprobe.errors import UserError, reason
-from mimprobe.units import human_bytes
+from mimprobe.errors import UserError
 from mimprobe.extract.backbone import Backbone, block_tokens, load_backbone
-from mimprobe.data.transforms import DECODE_MODES
-from mimprobe.extract.dataset import ChunkPlan, ExtractDataset, plan_chunks, preprocessing_attrs
+from mimprobe.extract.dataset import ChunkPlan, ExtractDataset, plan_chunks
+from mimprobe.extract.options import ExtractOptions, ExtractResult, validate
+from mimprobe.extract.stores import collect_skipped, open_or_create
 from mimprobe.extract.writer import ChunkWriter
 
+__all__ = ["ExtractOptions", "ExtractResult", "extract", "extract_chunks"]
+
 log = logging.getLogger("mimprobe")
-
-
-@dataclass
-class ExtractOptions:
-    checkpoint: str | None = None
-    checkpoint_key: str | None = None  # sub-dict or key prefix of the checkpoint that holds the encoder
-    pretrained: bool = True
-    img_size: int | None = None
-    crop_pct: float | None = None
-    dtype: str = "float16"
-    format: str | None = None
-    batch_size: int = 64
-    workers: int | None = None
-    device: str = "auto"
-    limit: int | None = None
-    decode: str = "pil"  # pil (exact, timm's preprocessing) | draft | gpu (see mimprobe.data.transforms)
-    seed: int = 0
-    chunk_rows: int | None = None
-    layers: list[int] = field(default_factory=list)
-    views: int = 0
-    skip_bad: bool = False
-    overwrite: bool = False
-    repair: bool = False  # verify, un-mark damaged chunks, rewrite damaged index arrays / metadata, then resume
-    quiet: bool = False
-    image_column: str | None = None  # hf: column / wds: key of the image (default: detected)
-    label_column: str | None = None  # hf: column / wds: key of the label (default: ClassLabel / cls)
-
-
-@dataclass
-class ExtractResult:
-    path: str
-    status: str  # "complete", "incomplete" (chunks left), "already complete", "intact" (--repair found nothing),
-    # or "rank done" (a non-zero rank)
-    num_samples: int
-    rows_this_run: int
-    seconds: float
-    size_on_disk: int
-    chunks_done: int
-    num_chunks: int
-    skipped: int
-    repaired: str = ""  # what --repair found and fixed
-
-    @property
-    def images_per_second(self) -> float:
-        return self.rows_this_run / self.seconds if self.seconds > 0 else 0.0
-
-    def summary(self) -> str:
-        if self.status == "already complete":
-            return f"{self.path}: already complete ({self.num_samples} samples); nothing to do"
-        if self.status == "intact":
-            return f"{self.path}: verified intact ({self.num_samples} samples); nothing to repair"
-        fixed = f"repaired ({self.repaired}): " if self.repaired else ""
-        return (f"{self.path}: {fixed}{self.status}, {self.num_samples} samples, {self.chunks_done}/{self.num_chunks} "
-                f"chunks, {human_bytes(self.size_on_disk)} on disk; this run {self.rows_this_run} images in {self.seconds:.1f} s "
-                f"({self.images_per_second:.1f} img/s), {self.skipped} skipped")
-
-
-def _validate(opts: ExtractOptions) -> None:
-    if opts.dtype not in DTYPES:
-        raise UserError(f"--dtype {opts.dtype}: choose one of {', '.join(DTYPES)}")
-    if opts.batch_size <= 0:
-        raise UserError("--batch-size must be positive")
-    if opts.views < 0:
-        raise UserError("--views must be >= 0")
-    if opts.decode not in DECODE_MODES:
-        raise UserError(f"--decode {opts.decode}: choose one of {', '.join(DECODE_MODES)}")
-    if opts.decode == "gpu" and opts.views:
-        raise UserError("--decode gpu does not make --views (training views are drawn on the CPU); use "
-                        "--decode pil with --views")
-    if opts.chunk_rows is not None and opts.chunk_rows <= 0:
-        raise UserError("--chunk-rows must be positive")
-    if opts.repair and opts.overwrite:
-        raise UserError("--repair keeps a store and fixes it, --overwrite replaces it: choose one")
-
-
-def _build_attrs(bb: Backbone, source, rows: np.ndarray, opts: ExtractOptions, layers: list[int]) -> dict:
-    ds = source.describe()
-    ds.update(num_samples=int(len(rows)), content_hash=source.content_hash(rows), limit=opts.limit)
-    return {
-        "tool": "mimprobe",
-        "tool_version": mimprobe.__version__,
-        "model": bb.info,
-        "preprocessing": preprocessing_attrs(bb.data_config, opts.decode),
-        "dataset": ds,
-        "layers": layers,
-        "views": opts.views,
-        "view_transform": ({"kind": "RandomResizedCrop+hflip", "scale": [0.08, 1.0], "ratio": [0.75, 4 / 3],
-                            "hflip": 0.5, "seeded_by": "(permutation_seed, sample, view)"} if opts.views else None),
-        "permutation_seed": opts.seed,
-        "extraction": {"batch_size": opts.batch_size, "random_weights": bb.info["weights"] == "random"},
-    }
-
-
-def _layout(path, bb, source, rows, opts, layers, attrs, chunk_rows=None, checksums=True) -> Layout:
-    """What creating the store writes besides tokens (see :func:`plan_layout`)."""
-    extra_blocks = tuple(k for k in layers if k != bb.num_blocks - 1)
-    return plan_layout(attrs=attrs, num_tokens=bb.num_tokens, dim=bb.embed_dim, labels=source.labels[rows],
-                       sample_ids=[source.ids[i] for i in rows], dtype=opts.dtype,
-                       chunk_rows=opts.chunk_rows if opts.chunk_rows is not None else chunk_rows,
-                       blocks=extra_blocks, views=opts.views, final_norm=bb.final_norm, checksums=checksums, path=path)
-
-
-def _open_or_create(path, fmt, bb, source, rows, opts, layers) -> tuple[TokenStore | None, bool | str]:
-    """(store, already_complete). Refuses a store made with other settings unless ``--overwrite``. With
-    ``--repair``: (store, what was repaired) or (store, True) when it verified intact."""
-    attrs = _build_attrs(bb, source, rows, opts, layers)
-    if opts.repair:
-        return _repair(path, fmt, bb, source, rows, opts, layers, attrs)
-    exists = TokenStore.exists(path, fmt)
-    if exists and not opts.overwrite:
-        try:
-            store = TokenStore.open(path, "r+", fmt)
-        except UserError:
-            store = None  # creation was interrupted before the attributes: start again
-        if store is not None:
-            auto_rows = opts.chunk_rows is None
-            want = dict(attrs, dtype=opts.dtype, chunk_rows=store.chunk_rows if auto_rows else opts.chunk_rows)
-            diff = identity_diff(store.attrs, want)
-            if diff:
-                store.close()
-                raise UserError(f"{path}: exists and was made with other settings ({'; '.join(diff[:3])}); "
-                                "pass --overwrite to replace it, or choose another path")
-            if store.complete and store.done().all():
-                return store, True
-            # (a store that says complete with chunks not done lost done flags: those chunks are extracted again)
-            removed = store.backend.clean_partial()
-            if removed:
-                log.info("%s: removed %d partial file(s) of an interrupted write", path, removed)
-            return store, False
-    if exists:
-        TokenStore.remove(path, fmt)
-    labels = source.labels[rows]
-    ids = [source.ids[i] for i in rows]
-    extra_blocks = tuple(k for k in layers if k != bb.num_blocks - 1)
-    store = TokenStore.create(
-        path, attrs=attrs, num_tokens=bb.num_tokens, dim=bb.embed_dim, labels=labels, sample_ids=ids,
-        dtype=opts.dtype, chunk_rows=opts.chunk_rows, blocks=extra_blocks, views=opts.views,
-        final_norm=bb.final_norm, fmt=fmt, overwrite=True,
-    )
-    return store, False
-
-
-def _repair(path, fmt, bb, source, rows, opts, layers, attrs) -> tuple[TokenStore, bool | str]:
-    """``extract --repair``: verify the store; rewrite what can be rewritten from the command (the attributes,
-    arrays' metadata, labels / sample_ids / final norm) when the arrays agree with the command; un-mark the done
-    flags of damaged chunks. The caller then extracts every chunk not done, as on resume, so the store ends
-    bitwise equal to an undamaged one (on the same kind of device as the original run)."""
-    from mimprobe.cache_store.verify import _zarr_arrays_without_group, verify_store
-
-    bcls = backend_class(fmt)
-    if not TokenStore.exists(path, fmt) and not (fmt == "zarr" and _zarr_arrays_without_group(path)):
-        raise UserError(f"{path}: no store there, nothing to repair; run the command without --repair to extract")
-    report = verify_store(path, fmt, quiet=opts.quiet)
-    fixed: list[str] = []
-    if report.unreadable and fmt != "zarr" and "truncated" in report.unreadable:
-        raise UserError(f"{path}: {report.unreadable}; an {fmt} store cannot be repaired in place: re-extract it "
-                        "with the same command and --overwrite")
-    if report.unreadable:
-        _rebuild_attributes(path, fmt, bcls, bb, source, rows, opts, layers, attrs, report)
-        fixed.append("attributes rewritten")
-        report = verify_store(path, fmt, quiet=opts.quiet)
-    store = TokenStore.open(path, "r+", fmt)
-    auto_rows = opts.chunk_rows is None
-    want = dict(attrs, dtype=opts.dtype, chunk_rows=store.chunk_rows if auto_rows else opts.chunk_rows)
-    diff = identity_diff(store.attrs, want)
-    if diff:
-        store.close()
-        raise UserError(f"{path}: was made with other settings than this command ({'; '.join(diff[:3])}); --repair "
-                        "needs the command that made the store")
-    if report.ok:
-        if store.complete and not fixed:
-            return store, True
-        return store, "; ".join(fixed)  # an unfinished store, or rebuilt attributes: resume it
-    lay = _layout(path, bb, source, rows, opts, layers, attrs, chunk_rows=store.chunk_rows,
-                  checksums=store.has_checksums)
-    specs = {spec.name: spec for spec in lay.arrays}
-    meta = report.metadata_damage() - {""}
-    if meta:
-        if fmt != "zarr" or not hasattr(store.backend, "rewrite_array_metadata"):
-            store.close()
-            raise UserError(f"{path}: the metadata of {', '.join(sorted(meta))} is damaged and cannot be rewritten in "
-                            f"a {fmt} store; re-extract with the same command and --overwrite")
-        for name in sorted(meta):
-            if name not in specs:
-                store.close()
-                raise UserError(f"{path}: {name} is not an array this command makes; re-extract with --overwrite")
-            spec = specs[name]
-            store.backend.rewrite_array_metadata(spec.name, spec.shape, spec.dtype, spec.chunks)
-        fixed.append(f"metadata of {', '.join(sorted(meta))} rewritten")
-        store.close()
-        report = verify_store(path, fmt, quiet=opts.quiet)
-        store = TokenStore.open(path, "r+", fmt)
-        if report.metadata_damage():
-            bad = "; ".join(d.line() for d in report.damage if d.kind == "metadata")
-            store.close()
-            raise UserError(f"{path}: metadata still damaged after rewriting it ({bad}); re-extract with --overwrite")
-    b = store.backend
-    index = sorted(report.index_damage())
-    for name in index:
-        if name == "labels":
-            b.array("labels")[:] = lay.labels
-        elif name == "sample_ids":
-            b.write_strings("sample_ids", lay.sample_ids)
-        elif name in lay.final_norm:
-            b.array(name)[:] = lay.final_norm[name]
-    if index:
-        fixed.append(f"{', '.join(index)} rewritten")
-        for name in ("labels", "sample_ids"):
-            store.__dict__.pop(name, None)
-    redo = sorted(report.chunks_to_redo())
-    if redo:
-        store.update_attrs(complete=False)  # honest while the chunks are re-extracted (a crash now resumes)
-        done = b.array("done")
-        for c in redo:
-            done[c] = 0
-        fixed.append(f"{len(redo)} damaged chunk(s) re-extracted: {', '.join(map(str, redo[:8]))}"
-                     + (" ..." if len(redo) > 8 else ""))
-    b.flush()
-    for d in report.damage[:20]:
-        log.info("%s: damaged: %s", path, d.line())
-    removed = b.clean_partial()
-    if removed:
-        log.info("%s: removed %d partial file(s) of an interrupted write", path, removed)
-    return store, "; ".join(fixed)
-
-
-def _rebuild_attributes(path, fmt, bcls, bb, source, rows, opts, layers, attrs, report) -> None:
-    """Rewrite a store's unreadable attributes from the command, when its arrays are exactly what the command
-    would create (else refuse: re-extract)."""
-    what = report.unreadable
-    if fmt == "zarr":
-        from mimprobe.cache_store.zarr_backend import ZarrBackend
-
-        ZarrBackend.rewrite_group_metadata(path)
-    try:
-        b = bcls.open(path, "r+")
-    except UserError as e:
-        raise UserError(f"{path}: {what}, and it cannot be opened to repair it ({e}); re-extract with the same "
-                        "command and --overwrite") from None
-    try:
-        try:
-            chunk_rows = b.array("tokens").chunks[0]
-        except Exception:
-            chunk_rows = None
-        lay = _layout(path, bb, source, rows, opts, layers, attrs, chunk_rows=chunk_rows, checksums=b.has("checksums"))
-        for spec in lay.arrays:
-            try:
-                arr = b.array(spec.name)
-                ok = tuple(arr.shape) == tuple(spec.shape) and tuple(arr.chunks) == tuple(spec.chunks)
-            except Exception:
-                ok = False
-            if not ok:
-                raise UserError(f"{path}: {what}; its arrays do not match this command ({spec.name}), so the "
-                                "attributes cannot be rebuilt safely; re-extract with the same command and "
-                                "--overwrite")
-        b.set_attrs(lay.attrs)
-        b.flush()
-        log.info("%s: attributes rebuilt from the command (%s)", path, what)
-    finally:
-        b.close()
-
-
-def _collect_skipped(store: TokenStore, source, rows: np.ndarray, reasons: dict[int, str]) -> list[dict]:
-    """Every invalid row of a done chunk with its reason (from this run, an earlier run's attrs, or re-probed)."""
-    known = {e["id"]: e["reason"] for e in store.attrs.get("skipped", [])}
-    valid, done = store.valid(), store.done()
-    row_done = np.repeat(done, store.chunk_rows)[: store.num_samples]
-    out = []
-    for r in np.flatnonzero(~valid & row_done):
-        sid = store.sample_ids[r]
-        why = reasons.get(int(r)) or known.get(sid)
-        if why is None:
-            try:
-                source.load(int(rows[r]))
-                why = "unreadable during extraction"
-            except Exception as e:
-                why = reason(e)
-        out.append({"id": sid, "row": int(r), "reason": why})
-    return out
 
 
 def extract(model: str, data: str, store_path: str, opts: ExtractOptions | None = None) -> ExtractResult:
     """Extract ``model``'s tokens of every sample of ``data`` into ``store_path`` (see module doc)."""
     opts = opts or ExtractOptions()
-    _validate(opts)
+    validate(opts)
     store_path = str(store_path)
     fmt = infer_format(store_path, opts.format)
     device = resolve_device(opts.device)
@@ -335,7 +61,7 @@ def extract(model: str, data: str, store_path: str, opts: ExtractOptions | None 
         log.warning("%s: random weights (--no-pretrained): these tokens are not the model's published features",
                     model)
 
-    state = run_on_main(ctx, lambda: _open_or_create(store_path, fmt, bb, source, rows, opts, layers))
+    state = run_on_main(ctx, lambda: open_or_create(store_path, fmt, bb, source, rows, opts, layers))
     if ctx.is_main:
         store, already = state
     else:
@@ -366,7 +92,7 @@ def extract(model: str, data: str, store_path: str, opts: ExtractOptions | None 
     result = None
     if ctx.is_main:
         done = store.done()
-        skipped = _collect_skipped(store, source, rows, all_reasons)
+        skipped = collect_skipped(store, source, rows, all_reasons)
         extraction = dict(store.attrs.get("extraction", {}), device=device.type, world_size=ctx.world,
                           autocast="bfloat16" if device.type == "cuda" else None)
         store.update_attrs(complete=bool(done.all()), skipped=skipped, num_skipped=len(skipped),

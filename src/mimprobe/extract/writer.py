@@ -57,7 +57,7 @@ class ChunkWriter:
 
     def _check(self):
         if self.error is not None:
-            from mimprobe.cache_store.zarr_backend import storage_error
+            from mimprobe.cache_store.zarr_remote import storage_error
 
             err = storage_error(self.store.path, self.error, writing=True)
             if err is not None:  # an object store that went away: one line, the finished chunks stay

@@ -59,7 +59,7 @@ class Feeder:
     on this rank, and how long it waited for data (``read_seconds``)."""
 
     def __init__(self, store: TokenStore, rows: np.ndarray, batch_size: int, *, device: torch.device,
-                 blocks: list[str], shuffle: bool, seed: int, in_memory: bool | None, workers: int = 0,
+                 arrays: list[str], shuffle: bool, seed: int, in_memory: bool | None, workers: int = 0,
                  ctx: DistContext = DistContext(), views: int = 0, buffer_chunks: int = 16, prefetch: int = 2,
                  io: str = "mmap", readahead: int = 1, persistent_workers: bool = True, ring: bool = True):
         self.store, self.rows, self.batch_size = store, np.asarray(rows), batch_size
@@ -71,7 +71,7 @@ class Feeder:
         self.codec = store.codec
         self.pooled = False  # batches are tokens (B, L, T, D), not pooled features
         self.read_seconds = 0.0
-        need = rows_bytes(store, len(self.rows), len(blocks) * max(1, views))
+        need = rows_bytes(store, len(self.rows), len(arrays) * max(1, views))
         if in_memory is None:
             in_memory = fits_in_memory(need, device)
         self.in_memory = in_memory
@@ -79,14 +79,14 @@ class Feeder:
         if in_memory:
             t0 = time.perf_counter()
             if views:
-                parts = [load_rows(store, self.rows, [f"views/{v}" if b == "tokens" else b for b in blocks])
+                parts = [load_rows(store, self.rows, [f"views/{v}" if a == "tokens" else a for a in arrays])
                          for v in range(views)]
                 data = parts[0]
                 data.x = torch.stack([p.x for p in parts], 1)  # (N, K, L, T, D)
                 if data.scales is not None:
                     data.scales = torch.stack([p.scales for p in parts], 1)
             else:
-                data = load_rows(store, self.rows, blocks)
+                data = load_rows(store, self.rows, arrays)
             data = data.to(device if fits_on_gpu(need, device) else torch.device("cpu"))
             self.read_seconds += time.perf_counter() - t0
             self.reader = InMemoryReader(data, batch_size, shuffle=shuffle, seed=seed, rank=ctx.rank,
@@ -95,7 +95,7 @@ class Feeder:
             if views:
                 self.set_epoch(0)
         else:
-            self.reader = ChunkShuffleReader(store.path, self.rows, batch_size, fmt=store.format, blocks=blocks,
+            self.reader = ChunkShuffleReader(store.path, self.rows, batch_size, fmt=store.format, arrays=arrays,
                                              shuffle=shuffle, seed=seed, rank=ctx.rank, world=ctx.world,
                                              views=views, buffer_chunks=buffer_chunks, io=io, readahead=readahead)
         if not (in_memory and views):

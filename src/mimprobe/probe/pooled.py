@@ -84,7 +84,7 @@ def pool_with(fn, store, rows: np.ndarray, arrays: list[str], features: tuple[st
     """Stream ``rows`` of ``store`` (this rank's chunks under torchrun) and keep ``fn(tokens)`` (B, L, K, D) of
     every sample: into ``scratch/<name>.npy`` when ``scratch`` is given (one process), else in memory."""
     t0 = time.perf_counter()
-    stream = Feeder(store, rows, batch_size, device=device, blocks=arrays, shuffle=False, seed=0, in_memory=False,
+    stream = Feeder(store, rows, batch_size, device=device, arrays=arrays, shuffle=False, seed=0, in_memory=False,
                     workers=workers, ctx=ctx)
     rows = np.sort(np.asarray(rows))
     out = None

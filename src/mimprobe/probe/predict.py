@@ -28,7 +28,7 @@ def run_predict(head_dir: str, store_path: str, out: str | None, batch_size: int
         headset.to(dev)
         rows = subsets.usable_rows(store, allow_incomplete, labelled=False)
         arrays = [store.block_array(b) for b in head_blocks(config)]
-        feed = Feeder(store, rows, batch_size, device=dev, blocks=arrays, shuffle=False, seed=0, in_memory=None)
+        feed = Feeder(store, rows, batch_size, device=dev, arrays=arrays, shuffle=False, seed=0, in_memory=None)
         names = config.get("class_names") or []
         ids = store.sample_ids
         correct = labelled = 0

@@ -97,7 +97,7 @@ def _execute(plan: ProbePlan, scratch: str | None) -> list[dict]:
     learned = {h.key: _pool_learned(plan, h, scratch) for h in plan.by_trainer("knn") if h.kind == "knn-head"}
     token_eval = None
     if plan.sgd is not None and not plan.sgd_on_pooled:
-        token_eval = Feeder(plan.eval, plan.eval_rows, plan.sgd.batch_size, device=plan.device, blocks=plan.arrays,
+        token_eval = Feeder(plan.eval, plan.eval_rows, plan.sgd.batch_size, device=plan.device, arrays=plan.arrays,
                             shuffle=False, seed=0, in_memory=o.in_memory, workers=o.workers, ctx=plan.ctx)
     setup = time.perf_counter() - t0
     records, resume = [], resume_dir(plan)
@@ -154,7 +154,7 @@ def _run_sgd(plan: ProbePlan, split: Split, pooled: tuple[Pooled, Pooled] | None
         eval_feed = peval.feeder(plan.eval_rows, cfg.batch_size, dev, False, 0)
     else:
         def tokens(rows, shuffle, views=0):
-            return Feeder(plan.train, rows, cfg.batch_size, device=dev, blocks=plan.arrays, shuffle=shuffle,
+            return Feeder(plan.train, rows, cfg.batch_size, device=dev, arrays=plan.arrays, shuffle=shuffle,
                           seed=split.seed, in_memory=o.in_memory, workers=o.workers, ctx=plan.ctx, views=views)
 
         if plan.online is not None:  # --online: the backbone in the loop (probe/online.py)

@@ -19,7 +19,8 @@ import numpy as np
 from mimprobe.probe.results import mean_std
 from mimprobe.report import build_table, render
 from mimprobe.report.tables import row_key
-from mimprobe.suite.plan import RECORD_FIELD, SuitePlan, base_head
+from mimprobe.suite.plan import SuitePlan
+from mimprobe.suite.records import RECORD_FIELD, base_head
 
 CSV_COLUMNS = ("model", "dataset", "evaluation", "head", "head_kind", "train", "shots", "fraction", "subset", "seed",
                "top1", "top5", "val_top1", "k", "T", "vote", "lr", "wd", "l2", "params", "num_tokens", "dim",

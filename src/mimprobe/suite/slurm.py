@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 import shlex
 
-from mimprobe.suite.plan import SuitePlan, read_store
+from mimprobe.suite.plan import SuitePlan
+from mimprobe.suite.stores import read_store
 
 DEFAULTS = {"nodes": 1, "gpus_per_node": 8, "cpus_per_task": 64, "time": "12:00:00", "port": 29500}
 

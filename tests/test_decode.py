@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY, make_model, save_checkpoint, write_image_folder
+from conftest import TINY, make_model, save_checkpoint
 from mimprobe.cache_store import TokenStore
 from mimprobe.data import open_source
 from mimprobe.data.transforms import TensorEvalTransform, eval_transform

@@ -361,3 +361,11 @@ def test_s3_store_verify_and_refusal(stores, tmp_path, cli, s3):
     assert "NO: DAMAGED (tokens chunk 3: missing)" in out
     code, out, err = cli("probe", url, stores["eval"], *PROBE, "--stream")
     assert code == 2 and "damaged" in one_error_line(err)
+
+
+def test_all_zero_chunks_are_written(tmp_path, cli):
+    """zarr skips all-zero chunks unless each writing handle says otherwise: a chunk of zero tokens (or of invalid
+    rows) must still be a file, or the store reads as damaged."""
+    p = synthetic_store(tmp_path / "zero.zarr", torch.zeros(16, 3, 4), np.arange(16) % 2, chunk_rows=8)
+    code, out, err = cli("verify", p, "--quiet")
+    assert code == 0 and ": OK: 2/2 chunks done" in out, (out, err)

@@ -172,7 +172,9 @@ class ZarrBackend(ZarrChunkFiles, Backend):
         """The zarr array ``name``; KeyError when it does not exist, :class:`StoreDamaged` when its
         ``zarr.json`` cannot be read."""
         try:
-            return self.group[name]
+            # the runtime config is not stored in zarr.json: every handle that writes needs it again, or an
+            # all-zero chunk (a chunk of invalid rows, a zero scale) is silently not written and then reads as missing
+            return self.group[name].with_config(ARRAY_CONFIG)
         except KeyError:
             raise
         except Exception as e:

@@ -17,6 +17,7 @@ from conftest import TINY, make_model, save_checkpoint, write_image_folder
 from mimprobe.cache_store import TokenStore
 from mimprobe.data import open_source
 from mimprobe.data.transforms import eval_transform
+from mimprobe.errors import UserError
 from mimprobe.extract import ExtractOptions, extract
 from mimprobe.probe import ProbeOptions, run_probe
 
@@ -93,7 +94,8 @@ def test_views_resume_bitwise_and_views_differ(tmp_path, tiny_ckpt):
     assert TokenStore.open(ref).num_views == 2
 
 
-def test_views_probe_draws_one_view_per_epoch(tmp_path):
+@pytest.mark.parametrize("center", [False, True], ids=["views", "views+center"])
+def test_views_probe_draws_one_view_per_epoch(tmp_path, center):
     from conftest import synthetic_store
     from mimprobe.probe.feed import Feeder
 
@@ -102,16 +104,34 @@ def test_views_probe_draws_one_view_per_epoch(tmp_path):
     views = [base + 1, base + 2, base + 3]
     p = synthetic_store(tmp_path / "v.zarr", base, np.arange(n) % 2, views=views, chunk_rows=5)
     s = TokenStore.open(p)
+    drawn = (("tokens",) if center else ()) + ("views/0", "views/1", "views/2")
+    expect = ({0.0} if center else set()) | {1.0, 2.0, 3.0}  # the center crop (0) only with --center-view
     for in_memory in (True, False):
         f = Feeder(s, np.arange(n), 8, device=torch.device("cpu"), arrays=["tokens"], shuffle=True, seed=0,
-                   in_memory=in_memory, views=3)
+                   in_memory=in_memory, views=drawn)
         seen = []
-        for epoch in range(6):
+        for epoch in range(8):
             f.set_epoch(epoch)
             vals = torch.cat([b.x[:, 0, 0, 0] for b in f])
-            assert len(vals) == n and set(vals.unique().tolist()) <= {1.0, 2.0, 3.0}  # never the center view
+            assert len(vals) == n and set(vals.unique().tolist()) <= expect
             seen.append(vals)
-        assert len(torch.cat(seen).unique()) == 3  # every view gets used over epochs
+        assert set(torch.cat(seen).unique().tolist()) == expect  # every view gets used over epochs
+
+
+def test_center_view_option(tmp_path, digits_stores):
+    from conftest import synthetic_store
+
+    n = 60
+    base = torch.randn(n, 5, 8)
+    p = synthetic_store(tmp_path / "v.zarr", base, np.arange(n) % 3, views=[base + 0.1 * torch.randn_like(base)],
+                        chunk_rows=10)
+    opts = dict(heads=["abmilp"], lrs=[1e-3], wds=[0.0], epochs=1, min_steps=0, quiet=True, device="cpu")
+    (r,) = run_probe(p, p, ProbeOptions(center_view=True, **opts))
+    assert r["protocol"]["center_view"] and "and the center crop" in r["protocol"]["train_input"]
+    (r,) = run_probe(p, p, ProbeOptions(**opts))
+    assert not r["protocol"]["center_view"] and "center crop" not in r["protocol"]["train_input"]
+    with pytest.raises(UserError, match="--center-view: .* holds no augmented views"):
+        run_probe(digits_stores[0], digits_stores[1], ProbeOptions(center_view=True, **opts))
 
 
 @pytest.mark.slow

@@ -92,41 +92,11 @@ def protocol_of(r: dict) -> str:
     p = r["protocol"]
     if p.get("online"):
         return "online" if p["online"]["augment"] else "online-center"
-    if r["train_store"]["path"].endswith("c.zarr"):  # a views store with the center crop as one more view
-        return f"views{p['views'] - 1}+center"
+    if p.get("center_view"):  # probe --center-view: the K views and the center crop
+        return f"views{p['views']}+center"
+    if r["train_store"]["path"].endswith("c.zarr"):  # the committed run: a copy of the K-view store with the
+        return f"views{p['views'] - 1}+center"  # center crop as view 0, equal to --center-view (see README)
     return f"views{p['views']}" if p["views"] else "center"
-
-
-def with_center_store(src: str, dst: str) -> None:
-    """The proposal measured here: a copy of a K-view store whose K + 1 views are the center crop and the K
-    augmented views, so a probe draws the center crop with probability 1 / (K + 1) each epoch (the stored fp16
-    tokens are copied exactly). Made from stored arrays only: no backbone pass."""
-    import shutil
-
-    from mimprobe.cache_store import TokenStore
-
-    if os.path.isdir(dst):
-        return
-    tmp = dst + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    with TokenStore.open(src) as s:
-        k = s.num_views
-        attrs = {key: v for key, v in s.attrs.items() if key not in ("complete", "skipped", "arrays", "views")}
-        attrs["view_transform"] = dict(s.attrs["view_transform"], center_as_view=0)
-        out = TokenStore.create(tmp, attrs=attrs, num_tokens=s.num_tokens, dim=s.dim, labels=s.labels,
-                                sample_ids=s.sample_ids, dtype=s.attrs["dtype"], chunk_rows=s.chunk_rows,
-                                views=k + 1, final_norm=s.final_norm())
-        valid = s.valid()
-        for c in range(s.num_chunks):
-            a, b = s.chunk_bounds(c)
-            center = s.read_tokens(a, b)
-            arrays = {"tokens": center, "views/0": center}
-            arrays.update({f"views/{v + 1}": s.read_tokens(a, b, f"views/{v}") for v in range(k)})
-            out.write_chunk(c, arrays, valid[a:b])
-            out.mark_done(c)
-        out.update_attrs(complete=True, skipped=[])
-        out.close()
-    os.rename(tmp, dst)
 
 
 def model_of(r: dict) -> str:
@@ -154,8 +124,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1, help="decode workers of extraction and of online training")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads of every command")
     ap.add_argument("--work", default=str(REPO / "benchmarks" / "_work" / "cache_vs_online"))
-    ap.add_argument("--with-center", default="1,4", help="also probe these K-view stores with the center crop "
-                    "added as one more view (the proposal that closes the small-K gap); empty: none")
+    ap.add_argument("--with-center", default="1,4", help="also probe these K-view stores with probe "
+                    "--center-view (the center crop as one more view: what closes the small-K gap); empty: none")
     ap.add_argument("--only", default=None, help="probe only these protocols (comma list), e.g. center,online")
     args = ap.parse_args()
     if args.quick:
@@ -222,8 +192,7 @@ def main() -> None:
                                     "load_after": load()}
             save_runs()
         for k in mixed:
-            paths[f"views{k}+center"] = stores / f"{m}_train_views{k}c.zarr"
-            with_center_store(str(paths[f"views{k}"]), str(paths[f"views{k}+center"]))
+            paths[f"views{k}+center"] = paths[f"views{k}"]
         for proto in protocols:
             todo = [h for h in heads if (m, proto, h) not in done]  # a head added later runs on its own
             if not todo:
@@ -231,6 +200,8 @@ def main() -> None:
                 continue
             train = paths["center"] if proto in ("center", "online") else paths[proto]
             extra = ["--online", str(train_dir), "--workers", str(args.workers)] if proto == "online" else []
+            if proto.endswith("+center"):
+                extra = ["--center-view"]
             t0_load = load()
             secs = run(mim + ["probe", str(train), str(paths["test"]), "--head", ",".join(todo), *probe_common,
                               *extra], env)

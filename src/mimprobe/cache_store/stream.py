@@ -48,7 +48,7 @@ class ChunkShuffleReader(IterableDataset):
     def __init__(self, path: str, rows: np.ndarray, batch_size: int, *, fmt: str | None = None,
                  arrays: list[str] | None = None, shuffle: bool = True, seed: int = 0, epoch: int = 0,
                  buffer_chunks: int = 16, drop_last: bool = False, rank: int = 0, world: int = 1,
-                 views: int = 0, io: str = "mmap", readahead: int = 1, keep_maps: bool | str = "auto"):
+                 views: tuple[str, ...] = (), io: str = "mmap", readahead: int = 1, keep_maps: bool | str = "auto"):
         if io not in IO_MODES:
             raise ValueError(f"io={io!r}: choose one of {IO_MODES}")
         self.path, self.fmt = str(path), fmt
@@ -60,7 +60,7 @@ class ChunkShuffleReader(IterableDataset):
         self.buffer_chunks = max(1, buffer_chunks)
         self.drop_last = drop_last
         self.rank, self.world = rank, world
-        self.views = views
+        self.views = tuple(views)  # the token array of each view ("views/0", ...; "tokens": the center crop)
         self.io, self.readahead, self.keep_maps = io, max(0, readahead), keep_maps
         self._state = None  # (pid, store, labels, rows by chunk, kept chunk maps): per process
         # seconds of the last pass spent mapping chunks (waiting for the disk when cold) and copying rows into
@@ -94,8 +94,8 @@ class ChunkShuffleReader(IterableDataset):
         """The arrays chunk ``c`` is read from in ``epoch``: ``tokens`` replaced by one stored view."""
         if not self.views:
             return self.arrays
-        v = int(np.random.default_rng([self.seed, epoch, 1, c]).integers(self.views))
-        return [f"views/{v}" if a == "tokens" else a for a in self.arrays]
+        v = int(np.random.default_rng([self.seed, epoch, 1, c]).integers(len(self.views)))
+        return [self.views[v] if a == "tokens" else a for a in self.arrays]
 
     def _open(self):
         if self._state is None or self._state[0] != os.getpid():
@@ -112,9 +112,9 @@ class ChunkShuffleReader(IterableDataset):
             return bool(self.keep_maps)
         if self.io != "mmap":
             return False
-        maps_per_chunk = len(self.arrays) * (2 if store.codec.quantized else 1) * max(1, self.views)
+        maps_per_chunk = len(self.arrays) * (2 if store.codec.quantized else 1) * max(1, len(self.views))
         nbytes = n_chunks * store.chunk_rows * store.codec.bytes_per_row(store.num_tokens, store.dim) \
-            * len(self.arrays) * max(1, self.views)
+            * len(self.arrays) * max(1, len(self.views))
         try:
             ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         except (ValueError, OSError):

@@ -59,6 +59,9 @@ def probe(
                                          "cached center crops (slow)"),
     online_augment: bool = typer.Option(True, help="with --online: RandomResizedCrop+flip (default), or the "
                                         "center crop recomputed every epoch"),
+    center_view: bool = typer.Option(False, help="with a --views store: draw each sample's training input from "
+                                     "the center crop and the K views (K = 1 or 4 views alone train worse than the "
+                                     "center crop: docs/protocol.md)"),
     quiet: bool = typer.Option(False),
 ):
     """Train probe heads on cached tokens (whole grids in one pass), choose on train, report on eval."""
@@ -80,7 +83,7 @@ def probe(
         device=device, workers=workers, allow_incomplete=allow_incomplete, out=out, save_heads=save_heads,
         knn_k=_numbers(knn_k, "--knn-k") or list(DINO_KS), knn_t=_numbers(knn_t, "--knn-t", float) or [DINO_T],
         pool_from=list(pool_from or []), memory=_bytes(memory, "--memory"), checkpoint_every=checkpoint_every,
-        quiet=quiet, online=online, online_augment=online_augment,
+        quiet=quiet, online=online, online_augment=online_augment, center_view=center_view,
     )
     records = run_probe(train_store, eval_store, opts)
     if records and records[0]["world_size"] > 1 and not _is_main():

@@ -60,7 +60,7 @@ class Feeder:
 
     def __init__(self, store: TokenStore, rows: np.ndarray, batch_size: int, *, device: torch.device,
                  arrays: list[str], shuffle: bool, seed: int, in_memory: bool | None, workers: int = 0,
-                 ctx: DistContext = DistContext(), views: int = 0, buffer_chunks: int = 16, prefetch: int = 2,
+                 ctx: DistContext = DistContext(), views: tuple[str, ...] = (), buffer_chunks: int = 16, prefetch: int = 2,
                  io: str = "mmap", readahead: int = 1, persistent_workers: bool = True, ring: bool = True):
         self.store, self.rows, self.batch_size = store, np.asarray(rows), batch_size
         self.device, self.ctx, self.workers = device, ctx, workers
@@ -71,7 +71,7 @@ class Feeder:
         self.codec = store.codec
         self.pooled = False  # batches are tokens (B, L, T, D), not pooled features
         self.read_seconds = 0.0
-        need = rows_bytes(store, len(self.rows), len(arrays) * max(1, views))
+        need = rows_bytes(store, len(self.rows), len(arrays) * max(1, len(views)))
         if in_memory is None:
             in_memory = fits_in_memory(need, device)
         self.in_memory = in_memory
@@ -79,8 +79,7 @@ class Feeder:
         if in_memory:
             t0 = time.perf_counter()
             if views:
-                parts = [load_rows(store, self.rows, [f"views/{v}" if a == "tokens" else a for a in arrays])
-                         for v in range(views)]
+                parts = [load_rows(store, self.rows, [v if a == "tokens" else a for a in arrays]) for v in views]
                 data = parts[0]
                 data.x = torch.stack([p.x for p in parts], 1)  # (N, K, L, T, D)
                 if data.scales is not None:
@@ -109,7 +108,7 @@ class Feeder:
         self.store, self.rows, self.batch_size = None, data.rows.numpy(), batch_size
         self.device, self.ctx, self.workers, self.codec = device, DistContext(), 0, codec
         self.pooled = pooled
-        self.read_seconds, self.in_memory, self.views, self.epoch = read_seconds, True, 0, 0
+        self.read_seconds, self.in_memory, self.views, self.epoch = read_seconds, True, (), 0
         self.reader = InMemoryReader(data, batch_size, shuffle=shuffle, seed=seed)
         return self
 
@@ -118,7 +117,7 @@ class Feeder:
         self.reader.set_epoch(epoch)
         if self.in_memory and self.views:  # one view per store row and epoch, whatever the batch composition
             g = torch.Generator().manual_seed(int(np.random.default_rng([self.view_seed, epoch, 3]).integers(2**62)))
-            self.epoch_views = torch.randint(self.views, (self.store.num_samples,), generator=g)
+            self.epoch_views = torch.randint(len(self.views), (self.store.num_samples,), generator=g)
 
     def num_batches(self) -> int:
         """Batches this rank yields per epoch (exact: each worker's rows, full batches plus one remainder)."""

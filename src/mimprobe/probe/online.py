@@ -208,7 +208,7 @@ class OnlineFeeder:
         self.rows = np.unique(np.asarray(rows, dtype=np.int64))  # store order, as load_rows holds them
         self.device = online.device
         self.codec = TokenCodec("float32")
-        self.pooled, self.in_memory, self.views, self.epoch = False, False, 0, 0
+        self.pooled, self.in_memory, self.views, self.epoch = False, False, (), 0
         self.read_seconds = self.backbone_seconds = 0.0
         self.images = 0
         index = TokenBatch(torch.empty(len(self.rows), 0), None, torch.from_numpy(store.labels[self.rows]),

@@ -78,6 +78,8 @@ class ProbeOptions:
     # --online DATA: SGD heads train on tokens the backbone computes in the loop from DATA (probe/online.py)
     online: str | None = None
     online_augment: bool = True
+    # with a --views store: the center crop is one more view to draw from (docs/protocol.md, "What the cache costs")
+    center_view: bool = False
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,7 @@ class ProbePlan:
     usable_rows: np.ndarray
     splits: tuple[Split, ...]
     online: object | None = None  # probe.online.OnlineInput with --online
+    train_views: tuple[str, ...] = ()  # the token array of each view a training sample is drawn from (--views)
 
     def by_trainer(self, trainer: str) -> list[HeadPlan]:
         return [h for h in self.heads if h.trainer == trainer]
@@ -308,6 +311,9 @@ def _plan(opts, train, ev, device, ctx) -> ProbePlan:
                     "model's published numbers", train.path)
 
     views = train.num_views
+    if opts.center_view and not views:
+        raise UserError(f"--center-view: {train.path} holds no augmented views (extract it with --views K)")
+    train_views = (("tokens",) if opts.center_view else ()) + tuple(f"views/{v}" for v in range(views))
     feats = {kind: KNN[kind] if kind in KNN else HEADS[kind].features or () for _, kind, _ in requested}
     feature_names = pooling.ordered(n for f in feats.values() for n in f)
     pooled_bytes = (len(usable) + len(eval_rows)) * len(blocks) * max(1, len(feature_names)) * train.dim * 4
@@ -345,4 +351,5 @@ def _plan(opts, train, ev, device, ctx) -> ProbePlan:
                      norm=train.final_norm() if opts.final_norm else None, sgd=sgd, l2=l2,
                      features=feature_names if pooled_once else (), sgd_on_pooled=sgd_on_pooled,
                      pooled_on_disk=pooled_once and not pooled_in_memory,
-                     eval_rows=eval_rows, usable_rows=usable, splits=tuple(splits), online=online_input)
+                     eval_rows=eval_rows, usable_rows=usable, splits=tuple(splits), online=online_input,
+                     train_views=train_views)

@@ -36,6 +36,7 @@ def ties(val_top1: list[float] | None, chosen: int) -> int:
 
 def protocol(plan: ProbePlan, split: Split) -> dict:
     o, views = plan.opts, plan.train.num_views
+    drawn = f"{views} cached augmented views" + (" and the center crop" if o.center_view else "")
     if len(split.val_rows):
         sel = f"best val top-1 on {len(split.val_rows)} validation rows from {split.val_source} (per seed)"
     else:
@@ -43,7 +44,8 @@ def protocol(plan: ProbePlan, split: Split) -> dict:
     p = {
         "tokens": "final-norm" if o.final_norm else "raw (before the final norm)",
         "views": views,
-        "train_input": f"{views} cached augmented views (one per sample per epoch)" if views
+        "center_view": o.center_view,
+        "train_input": f"{drawn} (one drawn per sample per epoch)" if views
         else "cached center crop (single view, no augmentation)",
         "blocks": plan.blocks,
         "selection": sel,

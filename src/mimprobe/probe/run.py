@@ -153,7 +153,7 @@ def _run_sgd(plan: ProbePlan, split: Split, pooled: tuple[Pooled, Pooled] | None
         val_feed = ptrain.feeder(split.val_rows, cfg.batch_size, dev, False, 0) if len(split.val_rows) else None
         eval_feed = peval.feeder(plan.eval_rows, cfg.batch_size, dev, False, 0)
     else:
-        def tokens(rows, shuffle, views=0):
+        def tokens(rows, shuffle, views=()):
             return Feeder(plan.train, rows, cfg.batch_size, device=dev, arrays=plan.arrays, shuffle=shuffle,
                           seed=split.seed, in_memory=o.in_memory, workers=o.workers, ctx=plan.ctx, views=views)
 
@@ -162,7 +162,7 @@ def _run_sgd(plan: ProbePlan, split: Split, pooled: tuple[Pooled, Pooled] | None
 
             train_feed = online.feeder(plan, split)
         else:
-            train_feed = tokens(split.train_rows, True, plan.train.num_views)
+            train_feed = tokens(split.train_rows, True, plan.train_views)
         val_feed = tokens(split.val_rows, False) if len(split.val_rows) else None
         eval_feed = token_eval
     result = train_grid(headset, train_feed, cfg, dev, plan.ctx, checkpoint)

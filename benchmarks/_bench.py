@@ -156,6 +156,17 @@ def _files(paths) -> list[str]:
     return out
 
 
+def evict(paths) -> None:
+    """Drop every file under ``paths`` from the page cache (clean pages only; nothing may map them)."""
+    for f in _files(paths):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def warm_page_cache(paths, block: int = 16 << 20) -> int:
     """Read every file under ``paths`` once (bytes read), so timed reads come from RAM."""
     n = 0

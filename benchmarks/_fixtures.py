@@ -108,6 +108,17 @@ def write_store(path: str, tokens, labels: np.ndarray, *, fmt: str = "zarr", dty
     return path
 
 
+def write_store_grid(root: str, tokens, labels: np.ndarray, formats: list[str], chunks: list[int]) -> list[tuple]:
+    """The same tokens in one store per (format, chunk rows) under ``root``: [(format, chunk rows, path)]."""
+    stores = []
+    for fmt in formats:
+        for c in chunks:
+            path = os.path.join(root, f"c{c}.{'zarr' if fmt == 'zarr' else 'h5'}")
+            write_store(path, tokens, labels, fmt=fmt, chunk_rows=c)
+            stores.append((fmt, c, path))
+    return stores
+
+
 def write_npy(path: str, tokens: np.ndarray, block: int = 256) -> str:
     """The same array as a plain .npy file (written block by block)."""
     mm = np.lib.format.open_memmap(path, mode="w+", dtype=tokens.dtype, shape=tokens.shape)

@@ -133,17 +133,6 @@ def load_cases(path: str) -> tuple[_bench.Case, _bench.Case]:
             _bench.Case("load_rows copy, unchecked", unchecked, units=nbytes, unit="byte"))
 
 
-def evict(files: list[str]) -> None:
-    """Drop the files' pages from the page cache (POSIX_FADV_DONTNEED: no root needed, only these files)."""
-    for f in files:
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
 def verify_cases(path: str, cold: bool) -> tuple[_bench.Case, _bench.Case]:
     """``cold``: each run starts with the store's pages evicted (reads come from the disk), eviction not timed."""
     files = _bench._files(path)
@@ -151,14 +140,14 @@ def verify_cases(path: str, cold: bool) -> tuple[_bench.Case, _bench.Case]:
 
     def run_verify():
         if cold:
-            evict(files)
+            _bench.evict(files)
         rep = verify_store(path, quiet=True)
         assert rep.ok, rep.verdict()
         return {"seconds": rep.seconds, "bytes_checked": rep.bytes_read}
 
     def run_cat():
         if cold:
-            evict(files)
+            _bench.evict(files)
         t0 = time.perf_counter()
         subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)
         return time.perf_counter() - t0
@@ -206,7 +195,7 @@ def main(argv=None):
         resident = _bench.resident_fraction(store)
         a, b = verify_cases(store, cold=True)
         results["verify_cold"] = _bench.alternate(a, b, reps=args.reps, warmup=args.warmup, label="verify_cold")
-        results["verify_cold"]["resident_fraction_after_eviction"] = (evict(_bench._files(store)),
+        results["verify_cold"]["resident_fraction_after_eviction"] = (_bench.evict(store),
                                                                       _bench.resident_fraction(store))[1]
     for key, r in results.items():
         print(f"{key:<11} A {r['A']['name']:<34} B {r['B']['name']:<34} A/B {r['ratio']:.3f} "

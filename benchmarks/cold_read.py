@@ -66,23 +66,12 @@ def store_files(path: str) -> list[str]:
     return out
 
 
-def evict(paths) -> None:
-    """Drop every file under ``paths`` from the page cache (clean pages only; nothing may map them)."""
-    for f in _bench._files(paths):
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
 def cold(case: _bench.Case, paths, log: list) -> _bench.Case:
     """Evict ``paths`` before each timed (and warm-up) run; record the resident fraction after evicting."""
     fn = case.fn
 
     def run():
-        evict(paths)
+        _bench.evict(paths)
         log.append(_bench.resident_fraction(paths))
         return fn()
 
@@ -148,12 +137,8 @@ def main(argv=None):
     with fx.workdir(args.workdir, "cold") as tmp:
         tokens = fx.vitlike_tokens(args.n, args.tokens, args.dim)
         labels = np.arange(args.n) % 10
-        stores = []
-        for fmt in args.formats.split(","):
-            for c in (int(x) for x in args.chunks.split(",")):
-                path = os.path.join(tmp, f"c{c}.{'zarr' if fmt == 'zarr' else 'h5'}")
-                fx.write_store(path, tokens, labels, fmt=fmt, chunk_rows=c)
-                stores.append((fmt, c, path))
+        stores = fx.write_store_grid(tmp, tokens, labels, args.formats.split(","),
+                                     [int(x) for x in args.chunks.split(",")])
         del tokens
         os.sync()
         for fmt, c, path in stores:

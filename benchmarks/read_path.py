@@ -111,12 +111,8 @@ def main(argv=None):
         tokens = fx.vitlike_tokens(args.n, args.tokens, args.dim)
         labels = np.arange(args.n) % 10
         npy = fx.write_npy(os.path.join(tmp, "tokens.npy"), tokens)
-        stores = []
-        for fmt in args.formats.split(","):
-            for c in (int(x) for x in args.chunks.split(",")):
-                path = os.path.join(tmp, f"c{c}.{'zarr' if fmt == 'zarr' else 'h5'}")
-                fx.write_store(path, tokens, labels, fmt=fmt, chunk_rows=c)
-                stores.append((fmt, c, path))
+        stores = fx.write_store_grid(tmp, tokens, labels, args.formats.split(","),
+                                     [int(x) for x in args.chunks.split(",")])
         del tokens
         paths = [npy] + [s[2] for s in stores]
         _bench.warm_page_cache(paths)

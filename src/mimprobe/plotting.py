@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -19,3 +20,17 @@ def save_figure(fig: Figure, path: str, dpi: int = 120) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=dpi)
     return path
+
+
+def grouped_bars(ax, groups: list[str], series: list[tuple[str, list]], capsize: int = 3) -> None:
+    """One bar per (group, series), side by side within a group, with error bars: ``series`` is (label,
+    [(mean, std, ...) or None per group]); missing values leave a gap."""
+    width = 0.8 / max(1, len(series))
+    for j, (label, stats) in enumerate(series):
+        st = [s or (np.nan, 0.0) for s in stats]
+        x = np.arange(len(groups)) + j * width - 0.4 + width / 2
+        ax.bar(x, [s[0] for s in st], width, yerr=[s[1] for s in st], label=label, capsize=capsize)
+    ax.set_xticks(np.arange(len(groups)))
+    ax.set_xticklabels(groups)
+    ax.set_ylabel("eval top-1 (%)")
+    ax.set_ylim(0, 100)

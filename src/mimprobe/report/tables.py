@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 
 import logging
 
-import numpy as np
 
 from mimprobe.errors import UserError
 from mimprobe.probe.results import mean_std
@@ -140,20 +139,13 @@ def render(t: Table, fmt: str = "md") -> str:
 
 
 def plot_table(t: Table, path: str, title: str = "eval top-1 by head") -> str:
-    from mimprobe.plotting import new_figure, save_figure
+    from mimprobe.plotting import grouped_bars, new_figure, save_figure
 
     n_rows, n_heads = len(t.rows), len(t.heads)
     fig = new_figure(figsize=(max(5, 1.2 * n_rows * n_heads + 2), 4))
     ax = fig.add_subplot()
-    width = 0.8 / n_heads
-    for j, head in enumerate(t.heads):
-        st = [t.stats(k, head) or (np.nan, 0, 0) for k in t.rows]
-        x = np.arange(n_rows) + j * width - 0.4 + width / 2
-        ax.bar(x, [s[0] for s in st], width, yerr=[s[1] for s in st], label=head, capsize=3)
-    ax.set_xticks(np.arange(n_rows))
-    ax.set_xticklabels(["\n".join(k[:3]) for k in t.rows], fontsize=7)
-    ax.set_ylabel("eval top-1 (%)")
-    ax.set_ylim(0, 100)
+    grouped_bars(ax, ["\n".join(k[:3]) for k in t.rows], [(h, [t.stats(k, h) for k in t.rows]) for h in t.heads])
+    ax.tick_params(axis="x", labelsize=7)
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()

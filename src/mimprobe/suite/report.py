@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import os
 
-import numpy as np
 
 from mimprobe.probe.results import mean_std
 from mimprobe.report import build_table, render
@@ -151,21 +150,14 @@ def dataset_tables(plan: SuitePlan, records: list[dict]) -> list[DatasetTable]:
 
 
 def plot_dataset(t: DatasetTable, path: str) -> str:
-    from mimprobe.plotting import new_figure, save_figure
+    from mimprobe.plotting import grouped_bars, new_figure, save_figure
 
     n_rows, n_cols = len(t.rows), len(t.columns)
     fig = new_figure(figsize=(max(5.0, 0.35 * n_rows * n_cols + 2.5), 4.2))
     ax = fig.add_subplot()
-    width = 0.8 / n_rows
-    for j, row in enumerate(t.rows):
-        st = [t.stats(row, c) or (np.nan, 0.0, 0) for c in t.columns]
-        x = np.arange(n_cols) + j * width - 0.4 + width / 2
-        ax.bar(x, [s[0] for s in st], width, yerr=[s[1] for s in st], label=" · ".join(row), capsize=2)
-    ax.set_xticks(np.arange(n_cols))
-    ax.set_xticklabels(t.columns)
+    grouped_bars(ax, list(t.columns), [(" · ".join(row), [t.stats(row, c) for c in t.columns]) for row in t.rows],
+                 capsize=2)
     ax.set_xlabel("training set")
-    ax.set_ylabel("eval top-1 (%)")
-    ax.set_ylim(0, 100)
     ax.set_title(f"{t.dataset}: eval top-1, mean ± std over seeds")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()

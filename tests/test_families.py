@@ -19,7 +19,12 @@ from mimprobe.probe import ProbeOptions, run_probe
 from mimprobe.probe.trainer import TokenNorm
 
 
-@pytest.mark.parametrize("name", [t.name for t in TINIES])
+# the edit-loop lane keeps one family per code path (plain ViT, prefix tokens, a hierarchical stage, a conv map)
+FAST = {"tiny_vit", "tiny_dinov2_reg4", "tiny_hiera", "tiny_convnextv2"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(t.name, marks=() if t.name in FAST else pytest.mark.slow)
+                                  for t in TINIES])
 def test_family_extracts_timm_tokens_and_probes(tmp_path, image_folder, name):
     t = BY_NAME[name]
     path = str(tmp_path / "s.zarr")

@@ -30,14 +30,17 @@ from mimprobe.probe import ProbeOptions, run_probe  # noqa: E402
 HEADS = ["linear-mean", "abmilp", "attentive"]
 
 
-def run(train: str, test: str, *, floor: int, epochs: int, shots: int | None, seeds: list[int]) -> dict:
+def run(train: str, test: str, *, floor: int, epochs: int, shots: int | None, seeds: list[int],
+        heads: list[str]) -> dict:
     t0 = time.perf_counter()
-    recs = run_probe(train, test, ProbeOptions(heads=HEADS, optimizer="adamw", epochs=epochs, min_steps=floor,
+    recs = run_probe(train, test, ProbeOptions(heads=heads, optimizer="adamw", epochs=epochs, min_steps=floor,
                                                shots=shots, seeds=seeds, quiet=True, device="cpu"))
     out = {}
-    for h in HEADS:
+    for h in heads:
         rs = [r for r in recs if r["head"] == h]
+        rs.sort(key=lambda r: r["seed"])
         out[h] = {"eval_top1": float(np.mean([r["metrics"]["eval_top1"] for r in rs])),
+                  "per_seed": [r["metrics"]["eval_top1"] for r in rs],
                   "steps": rs[0]["timings"]["steps"], "edges": sorted({e for r in rs for e in r["chosen"]["edges"]})}
     out["seconds"] = time.perf_counter() - t0
     return out
@@ -49,8 +52,12 @@ def main() -> None:
     ap.add_argument("--floors", default="0,500,1000")
     ap.add_argument("--longer", type=int, default=5)
     ap.add_argument("--shots", type=int, default=10)
-    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--seeds", default="0,1,2", help="seeds of the k-shot regime")
+    ap.add_argument("--all-seeds", default="0", help="seeds of the all-rows regime (each: its own validation split "
+                    "and initialization)")
     ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--heads", default=",".join(HEADS))
+    ap.add_argument("--regimes", default="all,shots", help="all: every training row; shots: --shots per class")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (tiny heads: 1 is fastest)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "probe_defaults.json"))
     a = ap.parse_args()
@@ -58,23 +65,31 @@ def main() -> None:
 
     torch.set_num_threads(a.threads)
     floors = [int(x) for x in a.floors.split(",")]
+    heads = a.heads.split(",")
     seeds = [int(x) for x in a.seeds.split(",")]
     rows = []
     for train, test in a.pair:
-        for regime, shots, sd in (("all", None, [0]), (f"{a.shots}-shot", a.shots, seeds)):
+        all_seeds = [int(x) for x in a.all_seeds.split(",")]
+        regimes = [("all", None, all_seeds), (f"{a.shots}-shot", a.shots, seeds)]
+        for regime, shots, sd in [r for r, key in zip(regimes, ("all", "shots")) if key in a.regimes.split(",")]:
             for floor in floors:
-                got = run(train, test, floor=floor, epochs=a.epochs, shots=shots, seeds=sd)
-                ref = run(train, test, floor=a.longer * floor, epochs=a.longer * a.epochs, shots=shots, seeds=sd)
-                for h in HEADS:
+                got = run(train, test, floor=floor, epochs=a.epochs, shots=shots, seeds=sd, heads=heads)
+                ref = run(train, test, floor=a.longer * floor, epochs=a.longer * a.epochs, shots=shots, seeds=sd,
+                          heads=heads)
+                for h in heads:
+                    gaps = 100 * (np.array(ref[h]["per_seed"]) - np.array(got[h]["per_seed"]))
+                    spread = float(gaps.std(ddof=1)) if len(gaps) > 1 else 0.0
                     row = {"train": train, "regime": regime, "head": h, "floor": floor,
                            "steps": got[h]["steps"], "eval_top1": got[h]["eval_top1"],
                            "longer_steps": ref[h]["steps"], "longer_top1": ref[h]["eval_top1"],
                            "gap_points": 100 * (ref[h]["eval_top1"] - got[h]["eval_top1"]),
+                           "gap_std_over_seeds": spread, "seeds": sd,
                            "edges": got[h]["edges"], "seconds": got["seconds"]}
                     rows.append(row)
                     print(f"{os.path.basename(train):>22} {regime:>8} {h:>12} floor {floor:>5} steps {row['steps']:>6} "
                           f"top-1 {100 * row['eval_top1']:6.2f}  longer ({row['longer_steps']} steps) "
-                          f"{100 * row['longer_top1']:6.2f}  gap {row['gap_points']:+6.2f}  {got['seconds']:.0f}s",
+                          f"{100 * row['longer_top1']:6.2f}  gap {row['gap_points']:+6.2f} ± {spread:.2f} ({len(sd)} seeds)  "
+                          f"{got['seconds']:.0f}s",
                           flush=True)
     ok = [f for f in floors if all(r["gap_points"] <= 1.0 for r in rows if r["floor"] == f)]
     result = {"machine": machine_info(), "rows": rows, "floors": floors, "longer": a.longer,

@@ -33,6 +33,7 @@ class DemoOptions:
     train_size: int = 2000
     eval_size: int = 500
     epochs: int = 10
+    min_steps: int = 1000  # the default floor is 2500; the demo's task is learnt well before (README)
     lrs: tuple[float, ...] = (1e-3, 3e-3)
     wds: tuple[float, ...] = (5e-4,)
     heatmaps: int = 8
@@ -64,7 +65,8 @@ def run_demo(opts: DemoOptions, echo=print) -> dict:
         os.remove(results)  # one demo run = one result file
     heads_dir = os.path.join(opts.out, "heads")
     records = run_probe(stores["train"], stores["eval"], ProbeOptions(
-        heads=DEMO_HEADS, lrs=list(opts.lrs), wds=list(opts.wds), epochs=opts.epochs, batch_size=128,
+        heads=DEMO_HEADS, lrs=list(opts.lrs), wds=list(opts.wds), epochs=opts.epochs, min_steps=opts.min_steps,
+        batch_size=128,
         device=opts.device, out=results, save_heads=heads_dir, quiet=opts.quiet))
     echo(f"\nprobes on the cached tokens ({weights_label(opts)}; selection on 10% of train, eval on the eval set):")
     echo(format_table(records))

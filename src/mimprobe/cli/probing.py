@@ -22,7 +22,8 @@ def probe(
     l2: Optional[str] = typer.Option(None, help="L2 penalties of the L-BFGS linear heads, comma list "
                                      "(default 1e-6..1; l2 = 1/(C N) for scikit-learn's C)"),
     epochs: int = typer.Option(10),
-    min_steps: int = typer.Option(1000, help="train at least this many optimizer steps, whatever the data size"),
+    min_steps: Optional[int] = typer.Option(None, help="train at least this many optimizer steps, whatever the data "
+                                           "size (default 2500, docs/protocol.md)"),
     batch_size: int = typer.Option(256),
     optimizer: str = typer.Option("auto", help="auto (linear heads: full-batch L-BFGS logistic regression when "
                                   "their pooled features fit in memory; others: adamw) | adamw | lars (the "
@@ -67,6 +68,7 @@ def probe(
     """Train probe heads on cached tokens (whole grids in one pass), choose on train, report on eval."""
     from mimprobe.probe import ProbeOptions, run_probe
     from mimprobe.probe.knn import DINO_KS, DINO_T
+    from mimprobe.probe.plan import MIN_STEPS
     from mimprobe.probe.results import format_table
 
     _quiet(quiet)
@@ -76,7 +78,7 @@ def probe(
         os.environ[VERIFY_READS_ENV] = "1"
     opts = ProbeOptions(
         heads=_heads(head), lrs=_numbers(lr, "--lr", float), wds=_numbers(wd, "--wd", float),
-        l2=_numbers(l2, "--l2", float), epochs=epochs, min_steps=min_steps, batch_size=batch_size,
+        l2=_numbers(l2, "--l2", float), epochs=epochs, min_steps=MIN_STEPS if min_steps is None else min_steps, batch_size=batch_size,
         optimizer=optimizer, warmup_epochs=warmup_epochs, seeds=_numbers(seed, "--seeds") or [0],
         val_fraction=val_fraction, val_from=val_from, val_max=val_max, shots=shots, fraction=fraction,
         subset=subset, final_norm=final_norm, layers=_numbers(layers, "--layers"), in_memory=in_memory,

@@ -61,7 +61,7 @@ def test_family_extracts_timm_tokens_and_probes(tmp_path, image_folder, name):
         rows = dict(describe(s))
     assert rows["token grid"].startswith(f"{t.grid[0]}x{t.grid[1]}, stride {t.img // t.grid[0]} px")
     heads = ["linear-mean", "abmilp"] + (["linear-cls"] if "cls" in t.prefix else [])
-    records = run_probe(path, path, ProbeOptions(heads=heads, lrs=[1e-3], wds=[0.0], epochs=1, batch_size=8,
+    records = run_probe(path, path, ProbeOptions(heads=heads, lrs=[1e-3], wds=[0.0], epochs=1, min_steps=0, batch_size=8,
                                                  val_fraction=0, quiet=True))
     assert sorted(r["head"] for r in records) == sorted(heads)
 

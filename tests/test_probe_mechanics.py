@@ -113,8 +113,8 @@ def test_subsets_shots_fractions_files(stores, tmp_path):
 def test_few_shot_seeds_results_and_jsonl(stores, tmp_path, cli):
     out = tmp_path / "r.jsonl"
     code, stdout, err = cli("probe", *stores, "--head", "linear-mean,abmilp", "--shots", "4", "--seeds", "0,1,2",
-                            "--val-fraction", "0", "--lr", "3e-3", "--wd", "1e-4", "--epochs", "3", "--out", out,
-                            "--quiet")
+                            "--val-fraction", "0", "--lr", "3e-3", "--wd", "1e-4", "--epochs", "3", "--min-steps", "0",
+                            "--out", out, "--quiet")
     assert code == 0, err
     recs = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(recs) == 6 and {r["seed"] for r in recs} == {0, 1, 2}

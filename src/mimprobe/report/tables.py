@@ -84,15 +84,24 @@ class Table:
     cells: dict = field(default_factory=dict)  # (row key, head) → list of eval top-1 (one per seed)
 
     def stats(self, key, head) -> tuple[float, float, int] | None:
-        v = self.cells.get((key, head))
-        if not v:
-            return None
-        mean, std = mean_std(v)
-        return 100 * mean, 100 * std, len(v)
+        return percent_stats(self.cells.get((key, head)))
 
     def best(self, key) -> str | None:
-        means = {h: s[0] for h in self.heads if (s := self.stats(key, h)) is not None}
-        return max(means, key=means.get) if means else None
+        return best_of({h: self.stats(key, h) for h in self.heads})
+
+
+def percent_stats(values) -> tuple[float, float, int] | None:
+    """Mean and std (in %) and count of a cell's top-1 values (one per seed); None for an empty cell."""
+    if not values:
+        return None
+    mean, std = mean_std(values)
+    return 100 * mean, 100 * std, len(values)
+
+
+def best_of(stats: dict):
+    """The key whose cell has the highest mean (None when every cell is empty)."""
+    means = {k: s[0] for k, s in stats.items() if s is not None}
+    return max(means, key=means.get) if means else None
 
 
 def build_table(records: list[dict]) -> Table:

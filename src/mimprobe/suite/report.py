@@ -15,9 +15,8 @@ import csv
 import os
 
 
-from mimprobe.probe.results import mean_std
 from mimprobe.report import build_table, render
-from mimprobe.report.tables import row_key
+from mimprobe.report.tables import best_of, percent_stats, row_key
 from mimprobe.suite.plan import SuitePlan
 from mimprobe.suite.records import RECORD_FIELD, base_head
 
@@ -103,15 +102,10 @@ class DatasetTable:
         self.values.setdefault((row, column), []).append(value)
 
     def stats(self, row, column) -> tuple[float, float, int] | None:
-        v = self.values.get((row, column))
-        if not v:
-            return None
-        m, s = mean_std(v)
-        return 100 * m, 100 * s, len(v)
+        return percent_stats(self.values.get((row, column)))
 
     def best(self, column):
-        means = {r: s[0] for r in self.rows if (s := self.stats(r, column)) is not None}
-        return max(means, key=means.get) if means else None
+        return best_of({r: self.stats(r, column) for r in self.rows})
 
     def cell(self, row, column) -> str:
         s = self.stats(row, column)

@@ -241,9 +241,9 @@ class GridHead(nn.Module):
                 "num_prefix": self.num_prefix, "grid": self.grid, **self.options}
 
     def select(self, g: int) -> "GridHead":
-        """A one-member head holding member ``g`` (parameters and norm statistics)."""
+        """A one-member head holding member ``g`` (parameters and norm statistics), in this head's dtype."""
         cfg = self.config()
-        one = create_head(cfg.pop("kind"), members=1, seed=self.seed, **cfg)
+        one = create_head(cfg.pop("kind"), members=1, seed=self.seed, **cfg).to(self.weight.dtype)
         sd = {k: (v[g:g + 1] if v.dim() and v.shape[0] == self.members and self.members > 1 else v).clone()
               for k, v in self.state_dict().items()}
         one.load_state_dict(sd)

@@ -39,7 +39,7 @@ def workdir(base: str | None, prefix: str):
 # --- tokens ------------------------------------------------------------------------------------------------
 def vitlike_tokens(n: int, num_tokens: int = 197, dim: int = 384, *, seed: int = 0, prefix: int = 1,
                    massive: int = 4, block: int = 256) -> np.ndarray:
-    """(n, T, D) float16 with the statistics that matter for storage and quantization (storage.md §3.1):
+    """(n, T, D) float16 with the statistics that matter for storage and quantization (docs/design.md, "No compression"):
     per-channel log-normal scales, ``massive`` "massive-activation" channels ×30, a [cls] token unlike the
     patches, spatially smooth patch content (7×7 latent upsampled), rank-64 mixing into D + 30 % noise."""
     rng = np.random.default_rng(seed)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 
 from conftest import one_token_task, synthetic_store
 from mimprobe.cache_store import TokenStore
+from mimprobe.errors import UserError
 from mimprobe.probe import HEADS, ProbeOptions, create_head, run_predict, run_probe
 from mimprobe.probe.feed import Feeder
 from mimprobe.probe.heads import parse_spec, spec_key
@@ -147,6 +149,11 @@ def test_every_head_saves_predicts_and_streams(stores, kind, tmp_path):
     (saved,) = os.listdir(tmp_path / "h")
     res = run_predict(str(tmp_path / "h" / saved / "seed0"), stores[1], None, device="cpu")
     assert res["top1"] == pytest.approx(acc)
+    if kind == "abmilp":  # a head saved for one seed is found from its head folder; of several, one is asked for
+        assert run_predict(str(tmp_path / "h" / saved), stores[1], None, device="cpu")["top1"] == res["top1"]
+        shutil.copytree(tmp_path / "h" / saved / "seed0", tmp_path / "h" / saved / "seed1")
+        with pytest.raises(UserError, match="holds a head per seed; pass one of .*seed0, .*seed1"):
+            run_predict(str(tmp_path / "h" / saved), stores[1], None, device="cpu")
     streamed = run_probe(*stores, ProbeOptions(in_memory=False, **common))
     assert streamed[0]["metrics"]["eval_top1"] > bound
 

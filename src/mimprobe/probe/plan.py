@@ -19,7 +19,7 @@ from mimprobe.cache_store.schema import resolve_layers
 from mimprobe.cache_store.store import TokenStore, check_compatible
 from mimprobe.distributed import DistContext, init_distributed, resolve_device
 from mimprobe.errors import UserError
-from mimprobe.probe import pooling, subsets
+from mimprobe.probe import pooling, saved, subsets
 from mimprobe.probe.feed import fits_in_memory
 from mimprobe.probe.heads import HEADS, parse_spec, spec_key
 from mimprobe.probe.knn import DEFAULT_MEMORY, DINO_KS, DINO_T
@@ -166,8 +166,7 @@ def validate_options(opts: ProbeOptions) -> None:
     if any(k <= 0 for k in opts.knn_k) or any(t <= 0 for t in opts.knn_t) or not opts.knn_k or not opts.knn_t:
         raise UserError("--knn-k and --knn-t: give positive values")
     for d in opts.pool_from:
-        if not os.path.isfile(os.path.join(d, "config.json")):
-            raise UserError(f"--pool-from {d}: not a saved head (see probe --save-heads)")
+        saved.head_dir(d, "--pool-from")
 
 
 def _resolve_heads(opts: ProbeOptions, train: TokenStore, has_cls: bool) -> list[tuple[str, str, dict]]:
@@ -326,7 +325,7 @@ def _plan(opts, train, ev, device, ctx) -> ProbePlan:
         heads.append(HeadPlan(key, kind, options, (pos_last,), trainer))
         if label and trainer != "knn":
             heads.append(HeadPlan(f"{key}@{label}", kind, options, tuple(range(len(blocks))), trainer))
-    for d in opts.pool_from:
+    for d in map(saved.head_dir, opts.pool_from):
         heads.append(HeadPlan(_pool_from_key(d), "knn-head", {"from": os.path.abspath(d)}, (pos_last,), "knn"))
     if ctx.active and any(h.trainer == "knn" for h in heads):
         raise UserError("kNN heads run in one process: run them without torchrun")

@@ -40,10 +40,28 @@ def head_blocks(config: dict) -> list[int]:
     return [blocks[p] for p in config.get("inputs", range(len(blocks)))]
 
 
+def _is_head(directory: str) -> bool:
+    return os.path.isfile(os.path.join(directory, CONFIG)) and os.path.isfile(os.path.join(directory, WEIGHTS))
+
+
+def head_dir(directory: str, what: str = "") -> str:
+    """The saved head in ``directory``: the directory itself, or its one ``seedK/`` head (``--save-heads`` writes
+    one folder per seed); several seeds, or none, is one UserError line that says which to pass."""
+    if _is_head(directory):
+        return directory
+    seeds = sorted(e.path for e in os.scandir(directory) if e.is_dir() and _is_head(e.path)) \
+        if os.path.isdir(directory) else []
+    if len(seeds) == 1:
+        return seeds[0]
+    where = f"{what} {directory}" if what else directory
+    if seeds:
+        raise UserError(f"{where}: holds a head per seed; pass one of {', '.join(seeds)}")
+    raise UserError(f"{where}: not a saved head (needs {CONFIG} and {WEIGHTS}; see probe --save-heads)")
+
+
 def load_head(directory: str) -> tuple[HeadSet, dict]:
+    directory = head_dir(directory)
     cfg_path = os.path.join(directory, CONFIG)
-    if not os.path.isfile(cfg_path) or not os.path.isfile(os.path.join(directory, WEIGHTS)):
-        raise UserError(f"{directory}: not a saved head (needs {CONFIG} and {WEIGHTS}; see probe --save-heads)")
     with open(cfg_path, encoding="utf-8") as f:
         config = json.load(f)
     tensors = load_file(os.path.join(directory, WEIGHTS))

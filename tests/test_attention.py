@@ -21,6 +21,8 @@ from mimprobe.extract import ExtractOptions, block_tokens, extract
 from mimprobe.probe import ProbeOptions, run_probe
 from mimprobe.probe.saved import load_head
 
+pytestmark = pytest.mark.numerics  # rerun by .ci/run on the default CPU path
+
 GAP = "vit_medium_patch16_gap_256"
 REG4 = "vit_small_patch14_reg4_dinov2"
 

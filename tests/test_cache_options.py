@@ -21,6 +21,8 @@ from mimprobe.errors import UserError
 from mimprobe.extract import ExtractOptions, extract
 from mimprobe.probe import ProbeOptions, run_probe
 
+pytestmark = pytest.mark.numerics  # rerun by .ci/run on the default CPU path
+
 
 def test_layers_equal_timm_block_outputs(tmp_path, image_folder):
     model = make_model()

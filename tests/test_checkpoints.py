@@ -15,6 +15,8 @@ from mimprobe.cache_store import TokenStore
 from mimprobe.errors import UserError
 from mimprobe.extract import ExtractOptions, block_tokens, extract, load_backbone
 
+pytestmark = pytest.mark.numerics  # rerun by .ci/run on the default CPU path
+
 
 def under(prefix: str, sd: dict) -> dict:
     return {prefix + k: v for k, v in sd.items()}

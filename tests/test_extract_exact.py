@@ -14,6 +14,8 @@ from mimprobe.data import open_source
 from mimprobe.data.transforms import eval_transform
 from mimprobe.extract import ExtractOptions, extract
 
+pytestmark = pytest.mark.numerics  # rerun by .ci/run on the default CPU path
+
 
 def reference_last_block(model, store: TokenStore, source) -> torch.Tensor:
     """The output of ``model.blocks[-1]`` (a forward hook, not forward_intermediates) in store row order."""

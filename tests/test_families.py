@@ -18,6 +18,8 @@ from mimprobe.extract import ExtractOptions, block_tokens, extract, load_backbon
 from mimprobe.probe import ProbeOptions, run_probe
 from mimprobe.probe.trainer import TokenNorm
 
+pytestmark = pytest.mark.numerics  # rerun by .ci/run on the default CPU path
+
 
 # the edit-loop lane keeps one family per code path (plain ViT, prefix tokens, a hierarchical stage, a conv map)
 FAST = {"tiny_vit", "tiny_dinov2_reg4", "tiny_hiera", "tiny_convnextv2"}

@@ -21,6 +21,8 @@ from mimprobe.probe.feed import Feeder
 from mimprobe.probe.heads import parse_spec, spec_key
 from mimprobe.probe.trainer import TrainConfig, build_heads, train_grid
 
+pytestmark = pytest.mark.numerics  # rerun by .ci/run on the default CPU path
+
 TOKEN_HEADS = [k for k, h in HEADS.items() if h.features is None]
 
 

@@ -9,6 +9,8 @@ import torch
 from mimprobe.errors import UserError
 from mimprobe.probe.knn import (FeatureBank, block_sizes, knn_sweep, predict, sweep, topk_neighbours)
 
+pytestmark = pytest.mark.numerics  # rerun by .ci/run on the default CPU path
+
 
 def clustered(n, nq, f, c, seed, spread=1.5):
     """A bank of n rows and nq queries around c random class means (neighbours mostly share a class, not always)."""

@@ -14,6 +14,8 @@ from mimprobe.cache_store import TokenStore
 from mimprobe.probe import ProbeOptions, run_probe
 from mimprobe.probe import subsets
 
+pytestmark = pytest.mark.numerics  # rerun by .ci/run on the default CPU path
+
 
 def _features(store: TokenStore, rows, kind: str) -> np.ndarray:
     t = store.read_tokens(0, store.num_samples)[rows].numpy()

@@ -22,6 +22,8 @@ from mimprobe.probe.plan import make_plan
 from mimprobe.probe.online import OnlineFeeder
 from mimprobe.report import build_table
 
+pytestmark = pytest.mark.numerics  # rerun by .ci/run on the default CPU path
+
 HEADS = ["linear-cls", "linear-mean", "abmilp", "attentive"]
 
 

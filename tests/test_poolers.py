@@ -23,6 +23,8 @@ from mimprobe.probe.heads import parse_spec
 from mimprobe.probe.results import format_table
 from mimprobe.probe.saved import load_head
 
+pytestmark = pytest.mark.numerics  # rerun by .ci/run on the default CPU path
+
 ALL = ["linear-cls", "linear-mean", "abmilp", "ep", "simpool", "map", "coca", "cait", "max", "gem"]
 
 

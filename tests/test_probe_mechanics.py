@@ -18,6 +18,8 @@ from mimprobe.probe import ProbeOptions, run_probe
 from mimprobe.probe import subsets
 from mimprobe.probe.optim import GridAdamW, GridLARS
 
+pytestmark = pytest.mark.numerics  # rerun by .ci/run on the default CPU path
+
 
 def _data(n=240, T=9, D=16, C=3, seed=0):
     g = torch.Generator().manual_seed(seed)

@@ -14,6 +14,8 @@ from mimprobe.probe import ProbeOptions, run_probe
 from mimprobe.probe import subsets
 from mimprobe.probe.plan import DEFAULT_LRS, DEFAULT_POINT, DEFAULT_WDS, MIN_STEPS
 
+pytestmark = pytest.mark.numerics  # rerun by .ci/run on the default CPU path
+
 
 def _ids(store: TokenStore, rows) -> set[str]:
     return {store.sample_ids[r] for r in rows}

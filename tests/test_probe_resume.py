@@ -15,6 +15,8 @@ import pytest
 
 from conftest import one_token_task, synthetic_store
 
+pytestmark = pytest.mark.numerics  # rerun by .ci/run on the default CPU path
+
 
 def _cmd(tr, te, out):
     return [sys.executable, "-m", "mimprobe", "probe", tr, te, "--head", "abmilp,linear-mean", "--optimizer",

@@ -20,7 +20,7 @@ def probe(
                                      "lars: base lr 0.1)"),
     wd: Optional[str] = typer.Option(None, help="weight decays, comma list (default 5e-4,5e-3,5e-2; lars: 0)"),
     l2: Optional[str] = typer.Option(None, help="L2 penalties of the L-BFGS linear heads, comma list "
-                                     "(default 1e-6..1; l2 = 1/(C N) for scikit-learn's C)"),
+                                     "(default 1e-6..1e3; l2 = 1/(C N) for scikit-learn's C)"),
     epochs: int = typer.Option(10),
     min_steps: Optional[int] = typer.Option(None, help="train at least this many optimizer steps, whatever the data "
                                            "size (default 2500, docs/protocol.md)"),

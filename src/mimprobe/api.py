@@ -15,6 +15,7 @@ Nothing here re-implements the command line's work: each function validates its 
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
@@ -246,11 +247,12 @@ def probe(train: str, eval: str, heads: Sequence | str | type | None = None, **o
     return Results(run_probe(str(train), str(eval), opts))
 
 
-def load_results(paths: str | Iterable[str]) -> Results:
+def load_results(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> Results:
     """The records of ``probe --out`` files (one path or several), as ``mimprobe report`` reads them."""
     from mimprobe.report import load_results as load
 
-    return Results(load([str(paths)] if isinstance(paths, str) else [str(p) for p in paths]))
+    one = isinstance(paths, (str, os.PathLike))
+    return Results(load([os.fspath(paths)] if one else [os.fspath(p) for p in paths]))
 
 
 # --- your own training loop --------------------------------------------------------------------------------------

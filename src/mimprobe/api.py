@@ -241,8 +241,6 @@ def probe(train: str, eval: str, heads: Sequence | str | type | None = None, **o
     ``shots=10``, ``out="results.jsonl"``, ``save_heads="heads/"``, ...), with the command's defaults."""
     from mimprobe.probe import ProbeOptions, run_probe
 
-    if "heads" in options:
-        raise UserError("mimprobe.probe(): give the heads once, as heads=[...]")
     opts = options_from(ProbeOptions, {"heads": _head_specs(heads), **options}, "mimprobe.probe()")
     return Results(run_probe(str(train), str(eval), opts))
 

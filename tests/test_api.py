@@ -20,7 +20,7 @@ from mimprobe.errors import UserError
 SRC = os.path.join(os.path.dirname(__file__), "..", "src")
 
 
-@pytest.fixture(scope="module", params=["float16", "int8"])
+@pytest.fixture(scope="module", params=["float16", "int8", "float32"])
 def store(request, tmp_path_factory):
     rng = np.random.default_rng(0)
     tokens = rng.normal(size=(100, 5, 64)).astype(np.float32)
@@ -106,7 +106,7 @@ def test_probe_results_and_load_results(store, tmp_path, monkeypatch):
 
 
 def _epoch(loader):
-    got = [(b.tokens.clone(), b.labels, b.rows) for b in loader]
+    got = [(b.tokens, b.labels, b.rows) for b in loader]  # kept past the next batch: each batch is the caller's
     return (torch.cat([g[0] for g in got]), torch.cat([g[1] for g in got]), torch.cat([g[2] for g in got]),
             [len(g[2]) for g in got])
 

@@ -298,8 +298,12 @@ class TokenLoader:
         self._next_epoch += 1
         codec = self._store.codec
         for b in self.feeder:
-            # decoding copies the tokens out of the reader's reused buffers: a yielded batch is the caller's
-            yield Batch(b.decode(codec)[:, 0], b.y, b.rows)
+            # a yielded batch is the caller's: decoding copies the tokens out of the reader's reused buffers,
+            # except from a float32 store, whose tokens are copied here
+            x = b.decode(codec)[:, 0]
+            if x.untyped_storage().data_ptr() == b.x.untyped_storage().data_ptr():
+                x = x.clone()
+            yield Batch(x, b.y, b.rows)
 
     def close(self) -> None:
         if self._owns:

@@ -115,7 +115,15 @@ with torch.no_grad(), mimprobe.token_loader(EVAL, batch_size=256, shuffle=False)
 print(f"OneQueryPool, own loop: eval top-1 {100 * correct / total:.1f}% on {total} rows (last loss {loss.item():.3f})")
 
 # %% [markdown]
-# To give such a head everything the built-in heads get (a whole lr × wd grid in one pass, selection on
-# validation rows, records, `--save-heads`, `predict`, `heatmap`), write it as a `GridHead`: see
-# `examples/custom_head.py` and docs/heads.md ("Your own head"); then
-# `mimprobe.probe(TRAIN, EVAL, heads=["custom_head:QueryPool"])` or `--head custom_head:QueryPool`.
+# ## 6. Your own head, trained by mimprobe
+# To give a head everything the built-in heads get (a whole lr × wd grid in one pass, selection on validation
+# rows, records, `--save-heads`, `predict`, `heatmap`), write it as a `GridHead`: `examples/custom_head.py` holds
+# `QueryPool` (docs/heads.md, "Your own head"). Pass the class, or its import path as `--head` takes it
+# (`custom_head:QueryPool:tau=0.5`).
+
+# %%
+from custom_head import QueryPool  # noqa: E402  (examples/ is on the path when this file runs, or is the cwd)
+
+mine = mimprobe.probe(TRAIN, EVAL, heads=[QueryPool], lrs=[3e-3, 1e-2], wds=[5e-4], epochs=20, min_steps=0,
+                      batch_size=64, device="cpu", quiet=True, out=f"{OUT}/results.jsonl")
+print(mine.table())

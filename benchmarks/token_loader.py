@@ -68,10 +68,11 @@ def main(argv=None):
             results.append(res)
     for r in results:
         print(f"{r['dtype']:<8} token_loader {r['A']['byte_per_s'] / 1e9:6.2f} GB/s  Feeder "
-              f"{r['B']['byte_per_s'] / 1e9:6.2f} GB/s (stored bytes)  ratio {r['ratio']:.3f} (paired median {r['paired_ratio_median']:.3f}, "
-              f"{r['paired_ratio_min']:.3f}-{r['paired_ratio_max']:.3f})")
+              f"{r['B']['byte_per_s'] / 1e9:6.2f} GB/s (stored bytes)  ratio {r['ratio']:.3f} "
+              f"(paired median {r['paired_ratio_median']:.3f}, {r['paired_ratio_min']:.3f}-{r['paired_ratio_max']:.3f})")
     headline = min(r["paired_ratio_median"] for r in results)
-    _bench.report(NAME, args, headline=headline, headline_name="min paired-median token_loader / probe Feeder epoch-rate ratio",
+    _bench.report(NAME, args, headline=headline,
+                  headline_name="min paired-median token_loader / probe Feeder epoch-rate ratio",
                   target=TARGET, results={"comparisons": results},
                   page_cache="warm: every store read once before timing", load_before=load0,
                   notes=[f"synthetic ViT-like tokens ({args.n}x{args.tokens}x{args.dim}), chunks of "

@@ -157,6 +157,7 @@ def test_quickstart_example_runs(tmp_path):
     assert [r["head"] for r in recs] == ["linear-cls", "linear-mean", "abmilp", "custom_head:QueryPool"]
     assert (out / "heads.png").stat().st_size > 0
     assert "OneQueryPool, own loop: eval top-1" in run.stdout
-    # the point of the demo data: only a selective pooling finds the framed glyph (measured 98.75 for abmilp and QueryPool vs 15.6-21.9 for the linear heads)
+    # the point of the demo data: only a selective pooling finds the framed glyph (measured 98.75 for abmilp and
+    # QueryPool, 15.6-21.9 for the linear heads)
     assert min(recs[2]["metrics"]["eval_top1"], recs[3]["metrics"]["eval_top1"]) > 0.8 > max(
         r["metrics"]["eval_top1"] for r in recs[:2])

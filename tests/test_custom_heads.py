@@ -137,7 +137,8 @@ def test_cli_suite_and_api_train_it_alike(user_module, tmp_path, cli):
     rec_api = mimprobe.probe(tr, ev, heads=[SPEC], device="cpu", quiet=True, **SGD)
     for recs in (rec_suite, rec_cli, rec_api):
         r = recs[0]
-        assert r["head"] == SPEC and r["head_kind"] == f"{MODULE}:ScoredMean" and r["params"] == 64 + 64 * 8 + 8  # score + classifier, D = 64, 8 classes
+        assert r["head"] == SPEC and r["head_kind"] == f"{MODULE}:ScoredMean"
+        assert r["params"] == 64 + 64 * 8 + 8  # its score + the classifier, D = 64, 8 classes
         assert len(r["grid"]) == 2  # the whole lr grid trained in one pass, then chosen on validation rows
     for key in (("chosen", "member"), ("metrics", "eval_top1"), ("metrics", "val_top1")):
         got = {name: recs[0][key[0]][key[1]] for name, recs in (("suite", rec_suite), ("cli", rec_cli),

@@ -91,6 +91,23 @@ def test_parse_spec_and_options(user_module):
         base.parse_spec("no_such_module:Head")
 
 
+def test_a_head_in_a_package(user_module):
+    """``pkg.mod:Class``: a dotted module path, and a class nested in another (a dotted attribute path)."""
+    pkg = user_module / "mypkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "pools.py").write_text(SOURCE + "\n\nclass Outer:\n    Inner = ScoredMean\n")
+    importlib.invalidate_caches()
+    try:
+        for spec in ("mypkg.pools:ScoredMean:temp=2.0", "mypkg.pools:Outer.Inner:temp=2.0"):
+            kind, opts = base.parse_spec(spec)
+            assert kind == spec.rsplit(":", 1)[0] and opts["temp"] == 2.0 and base.spec_key(kind, opts) == spec
+            assert base.create_head(kind, dim=8, num_classes=2).kind == kind
+    finally:
+        for m in ("mypkg.pools", "mypkg"):
+            sys.modules.pop(m, None)
+
+
 def test_cli_suite_and_api_train_it_alike(user_module, tmp_path, cli):
     """The suite extracts two tiny stores and probes the head; the CLI and the API on the same stores, with the same
     options and seed, choose the same member and reach the same eval top-1 (one process, one machine)."""

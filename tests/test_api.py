@@ -161,3 +161,12 @@ def test_quickstart_example_runs(tmp_path):
     # QueryPool, 15.6-21.9 for the linear heads)
     assert min(recs[2]["metrics"]["eval_top1"], recs[3]["metrics"]["eval_top1"]) > 0.8 > max(
         r["metrics"]["eval_top1"] for r in recs[:2])
+
+
+def test_an_hdf5_store(tmp_path):
+    tokens = np.random.default_rng(2).normal(size=(20, 3, 32)).astype(np.float32)
+    path = synthetic_store(tmp_path / "s.h5", tokens, np.arange(20) % 2, chunk_rows=8, dtype="bfloat16")
+    with mimprobe.open_store(path) as s:
+        assert s.dtype == "bfloat16" and torch.equal(s.read([19, 0]), s.token_store.read_tokens(0, 20)[[19, 0]])
+        with pytest.raises(UserError, match="to_xarray\\(\\) opens zarr stores; this one is hdf5"):
+            s.to_xarray()

@@ -142,6 +142,17 @@ def test_token_loader_defaults_and_errors(store):
         mimprobe.token_loader(path, [100])
     with pytest.raises(UserError, match="batch_size 0"):
         mimprobe.token_loader(path, batch_size=0)
+    with pytest.raises(UserError, match="rank 2 of world 2"):
+        mimprobe.token_loader(path, rank=2, world=2)
+
+
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_token_loader_ranks_share_the_rows(store, in_memory):
+    """Under DDP each rank reads its own share; together they read every row once per epoch."""
+    path = store[0]
+    parts = [torch.cat([b.rows for b in mimprobe.token_loader(path, batch_size=16, seed=1, rank=r, world=2,
+                                                              in_memory=in_memory)]).tolist() for r in range(2)]
+    assert parts[0] and parts[1] and sorted(parts[0] + parts[1]) == list(range(100))
 
 
 @pytest.mark.slow  # ~15 s of CPU; more wall time on a busy machine

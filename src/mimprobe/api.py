@@ -266,15 +266,16 @@ class TokenLoader:
     :meth:`set_epoch`), and each epoch has its own order, seeded by (seed, epoch)."""
 
     def __init__(self, store: TokenStore, rows: np.ndarray, batch_size: int, *, shuffle: bool, seed: int,
-                 block: int | None, in_memory: bool | None, workers: int, device: str, owns: bool):
-        from mimprobe.distributed import resolve_device
+                 block: int | None, in_memory: bool | None, workers: int, device: str, rank: int, world: int,
+                 owns: bool):
+        from mimprobe.distributed import DistContext, resolve_device
         from mimprobe.probe.feed import Feeder
 
         self._store, self._owns = store, owns
         self.device = resolve_device(device)
         arrays = ["tokens" if block is None else store.block_array(block)]
         self.feeder = Feeder(store, rows, batch_size, device=self.device, arrays=arrays, shuffle=shuffle, seed=seed,
-                             in_memory=in_memory, workers=workers)
+                             in_memory=in_memory, workers=workers, ctx=DistContext(rank, world))
         self.rows, self.batch_size = self.feeder.rows, batch_size
         self._next_epoch = 0
 
@@ -318,7 +319,7 @@ class TokenLoader:
 
 def token_loader(store: str | Store, rows=None, *, batch_size: int = 256, shuffle: bool = True, seed: int = 0,
                  block: int | None = None, in_memory: bool | None = False, workers: int = 0,
-                 device: str = "cpu") -> TokenLoader:
+                 device: str = "cpu", rank: int = 0, world: int = 1) -> TokenLoader:
     """The probe's reader (:class:`~mimprobe.probe.feed.Feeder`) as an iterable of :class:`Batch` es (float32
     tokens (B, T, D), labels, rows) for your own training loop.
 
@@ -327,11 +328,15 @@ def token_loader(store: str | Store, rows=None, *, batch_size: int = 256, shuffl
     buffer of chunks, with a reader thread ahead of your loop, or ``workers`` DataLoader worker processes (each
     reads its own chunks; they persist across epochs); ``in_memory=True`` loads the rows once (``None``: when they
     fit, as the probe decides). ``block``: another stored block than the last. ``device``: where batches land
-    ("cpu", "cuda", "auto")."""
+    ("cpu", "cuda", "auto"). ``rank`` / ``world``: this process's share under DistributedDataParallel (streaming:
+    every ``world``-th chunk of the epoch's order, so ranks may get a batch more or less than each other; in
+    memory: every ``world``-th row); the ranks together read every row once per epoch."""
     if batch_size <= 0:
         raise UserError(f"token_loader: batch_size {batch_size}: must be positive")
     if workers < 0:
         raise UserError(f"token_loader: workers {workers}: must be >= 0")
+    if not 0 <= rank < world:
+        raise UserError(f"token_loader: rank {rank} of world {world}: need 0 <= rank < world")
     owns = not isinstance(store, Store)
     ts = TokenStore.open(str(store), "r") if owns else store.token_store
     try:
@@ -347,7 +352,7 @@ def token_loader(store: str | Store, rows=None, *, batch_size: int = 256, shuffl
         if len(np.unique(rows)) != len(rows):
             raise UserError("token_loader: rows holds a row more than once; each epoch reads each row once")
         return TokenLoader(ts, rows, batch_size, shuffle=shuffle, seed=seed, block=block, in_memory=in_memory,
-                           workers=workers, device=device, owns=owns)
+                           workers=workers, device=device, rank=rank, world=world, owns=owns)
     except BaseException:
         if owns:
             ts.close()

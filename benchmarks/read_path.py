@@ -53,8 +53,9 @@ ABLATIONS = {
 
 
 def reader_case(path: str, fmt: str, batch_size: int, workers: int, buffer_chunks: int, name: str = "",
-                **settings) -> _bench.Case:
-    """A: one shuffled epoch per run through one trainer Feeder (streaming), bytes of the token batches yielded."""
+                decode: bool = False, **settings) -> _bench.Case:
+    """A: one shuffled epoch per run through one trainer Feeder (streaming), bytes of the token batches yielded
+    (with ``decode``, each batch decoded to float32 at once, as the trainer does)."""
     store = TokenStore.open(path, "r", fmt)
     rows = np.arange(store.num_samples)
     nbytes = store.num_samples * store.num_tokens * store.dim * store.codec.storage_dtype.itemsize
@@ -69,6 +70,8 @@ def reader_case(path: str, fmt: str, batch_size: int, workers: int, buffer_chunk
         epoch[0] += 1
         got = 0
         for b in feed:
+            if decode:
+                b.decode(store.codec)
             got += b.x.numel() * b.x.element_size()
         assert got == nbytes, (got, nbytes)
 

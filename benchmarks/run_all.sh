@@ -12,7 +12,7 @@ if [ -z "$py" ]; then
     if [ -x "$root/.venv/bin/python" ]; then py="$root/.venv/bin/python"; else py=python3; fi
 fi
 mkdir -p "$here/results"
-benches=(extract_efficiency read_path cold_read probe_io decode cheap_experiments sweep_amortization storage linear_vs_sklearn knn checksum_cost)
+benches=(extract_efficiency read_path cold_read probe_io decode cheap_experiments sweep_amortization storage linear_vs_sklearn knn checksum_cost token_loader)
 declare -A ratio
 failed=0
 for b in "${benches[@]}"; do

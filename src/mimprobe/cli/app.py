@@ -61,15 +61,10 @@ def _list(values: Optional[list[str]]) -> list[str]:
 
 
 def _heads(values: Optional[list[str]]) -> list[str]:
-    """Head specs from repeated options and comma lists; ``key=value`` items belong to the spec before them:
-    ``linear-cls,abmilp:depth=2,act=tanh`` → [linear-cls, abmilp:depth=2,act=tanh]."""
-    out: list[str] = []
-    for item in _list(values):
-        if "=" in item and ":" not in item and out:
-            out[-1] += "," + item
-        else:
-            out.append(item)
-    return out
+    """Head specs from repeated options and comma lists (:func:`~mimprobe.probe.heads.base.split_specs`)."""
+    from mimprobe.probe.heads.base import split_specs
+
+    return split_specs(_list(values))
 
 
 def _is_main() -> bool:

@@ -6,3 +6,7 @@ from mimprobe.probe.predict import run_predict
 from mimprobe.probe.run import run_probe
 
 __all__ = ["HEADS", "ProbeOptions", "create_head", "run_predict", "run_probe"]
+
+from mimprobe._callable import make_callable  # noqa: E402,I001  mimprobe.probe(...) is mimprobe.api.probe(...)
+
+make_callable(__name__)

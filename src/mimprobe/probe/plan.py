@@ -21,7 +21,7 @@ from mimprobe.distributed import DistContext, init_distributed, resolve_device
 from mimprobe.errors import UserError
 from mimprobe.probe import pooling, saved, subsets
 from mimprobe.probe.feed import fits_in_memory
-from mimprobe.probe.heads import HEADS, parse_spec, spec_key
+from mimprobe.probe.heads import head_class, parse_spec, spec_key
 from mimprobe.probe.knn import DEFAULT_MEMORY, DINO_KS, DINO_T
 from mimprobe.probe.trainer import TrainConfig
 
@@ -96,7 +96,7 @@ class HeadPlan:
     def features(self) -> tuple[str, ...] | None:
         if self.kind in KNN:
             return KNN[self.kind]
-        return HEADS[self.kind].features if self.kind in HEADS else None
+        return None if self.kind == "knn-head" else head_class(self.kind).features
 
 
 @dataclass(frozen=True)
@@ -181,7 +181,7 @@ def _resolve_heads(opts: ProbeOptions, train: TokenStore, has_cls: bool) -> list
         else:
             kind, options = parse_spec(spec)
             key = spec_key(kind, options)
-            needs_cls = HEADS[kind].needs_cls
+            needs_cls = head_class(kind).needs_cls
         if needs_cls and not has_cls:
             if opts.heads:
                 m = train.attrs["model"]
@@ -208,7 +208,7 @@ def _blocks(layers: list[int], train: TokenStore) -> tuple[list[str], list[int],
 def _trainer(kind: str, opts: ProbeOptions, lbfgs_ok: bool) -> str:
     if kind in KNN or kind == "knn-head":
         return "knn"
-    linear = HEADS[kind].features is not None
+    linear = head_class(kind).features is not None
     if opts.optimizer == "lbfgs":
         if not linear:
             raise UserError(f"--optimizer lbfgs fits linear heads only (linear-cls, linear-mean, linear-clsmean), "
@@ -315,7 +315,7 @@ def _plan(opts, train, ev, device, ctx) -> ProbePlan:
     if opts.center_view and not views:
         raise UserError(f"--center-view: {train.path} holds no augmented views (extract it with --views K)")
     train_views = (("tokens",) if opts.center_view else ()) + tuple(f"views/{v}" for v in range(views))
-    feats = {kind: KNN[kind] if kind in KNN else HEADS[kind].features or () for _, kind, _ in requested}
+    feats = {kind: KNN[kind] if kind in KNN else head_class(kind).features or () for _, kind, _ in requested}
     feature_names = pooling.ordered(n for f in feats.values() for n in f)
     pooled_bytes = (len(usable) + len(eval_rows)) * len(blocks) * max(1, len(feature_names)) * train.dim * 4
     pooled_in_memory = fits_in_memory(pooled_bytes, torch.device("cpu"))

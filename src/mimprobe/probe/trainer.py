@@ -72,6 +72,37 @@ class TokenNorm(nn.Module):
         return x if self.bias is None else x + self.bias
 
 
+class HeadDict(nn.ModuleDict):
+    """``nn.ModuleDict`` keyed by head names, which may hold dots (``pkg.mod:Class``, ``tau=0.5``) that module
+    names cannot: stored with each ``.`` written ``%2E``, read back by the head's name."""
+
+    @staticmethod
+    def _name(key: str) -> str:
+        return key.replace("%", "%25").replace(".", "%2E")
+
+    @staticmethod
+    def _key(name: str) -> str:
+        return name.replace("%2E", ".").replace("%25", "%")
+
+    def __getitem__(self, key: str) -> nn.Module:
+        return super().__getitem__(self._name(key))
+
+    def __setitem__(self, key: str, module: nn.Module) -> None:
+        super().__setitem__(self._name(key), module)
+
+    def __contains__(self, key: str) -> bool:
+        return super().__contains__(self._name(key))
+
+    def __iter__(self):
+        return (self._key(k) for k in super().__iter__())
+
+    def keys(self):
+        return list(self)
+
+    def items(self):
+        return [(self._key(k), m) for k, m in super().items()]
+
+
 class HeadSet(nn.Module):
     """The heads of a run (a ModuleDict with a forward, so DDP can wrap it).
 
@@ -83,7 +114,7 @@ class HeadSet(nn.Module):
     def __init__(self, heads: dict[str, GridHead], inputs: dict[str, list[int]] | None = None,
                  norm: TokenNorm | None = None, num_prefix: int = 1, features: tuple[str, ...] | None = None):
         super().__init__()
-        self.heads = nn.ModuleDict(heads)
+        self.heads = HeadDict(heads)
         self.inputs = inputs or {k: [0] for k in heads}
         self.norm = norm
         self.num_prefix = num_prefix

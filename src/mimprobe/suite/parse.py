@@ -241,7 +241,7 @@ def _heads(c: _Collector, label: str, raw) -> tuple[str, ...] | None:
 
 
 def _evaluation(c: _Collector, label: str, raw: dict, base: str, models: set, datasets: set) -> EvalSpec | None:
-    from mimprobe.probe.heads import HEADS
+    from mimprobe.probe.heads import head_class, parse_spec
     from mimprobe.probe.plan import KNN, OPTIMIZERS
 
     t = c.table(raw, EVAL, label)
@@ -258,7 +258,7 @@ def _evaluation(c: _Collector, label: str, raw: dict, base: str, models: set, da
             c.add(label, f"optimizer {t['optimizer']!r}: choose one of {', '.join(OPTIMIZERS)}")
             ok = False
         elif t["optimizer"] == "lbfgs" and heads:
-            bad = [h for h in heads if h not in KNN and HEADS[h.split(":")[0]].features is None]
+            bad = [h for h in heads if h not in KNN and head_class(parse_spec(h)[0]).features is None]
             if bad:
                 c.add(label, f"optimizer lbfgs fits linear heads only, not {', '.join(bad)}")
                 ok = False

@@ -14,6 +14,10 @@ Each head declares what it reads from the tokens:
 Options come from a spec string, ``kind:key=value,key=value`` (e.g. ``abmilp:depth=2,act=tanh``); each head
 declares its options and their defaults in ``OPTIONS``, and the canonical spec (non-default options only) is
 the head's name in results.
+
+Heads from the user's own code (docs/heads.md, "Your own head") are named by import path, ``pkg.mod:Class``
+(options after a second colon, ``pkg.mod:Class:key=value``), or by the name an installed package gives them in
+the ``mimprobe.heads`` entry point group; :func:`head_class` finds every kind, built-in or not.
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ from torch import nn
 
 from mimprobe.errors import UserError
 
-HEADS: dict[str, type["GridHead"]] = {}
+HEADS: dict[str, type["GridHead"]] = {}  # the built-in heads, by name (filled by :func:`register`)
+USER_HEADS: dict[str, type["GridHead"]] = {}  # heads from the user's code, by the name they were asked for
+ENTRY_POINTS = "mimprobe.heads"  # the entry point group through which installed packages add heads
 
 
 def register(name: str):
@@ -39,32 +45,122 @@ def register(name: str):
     return deco
 
 
+def _entry_points() -> dict:
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINTS)}
+
+
+def _known() -> str:
+    installed = [n for n in _entry_points() if n not in HEADS]
+    return ", ".join(list(HEADS) + installed) + ", or your own as module:Class (docs/heads.md)"
+
+
+def _import_path(spec: str) -> tuple[str, str] | None:
+    """``('pkg.mod:Class', 'key=value,...')`` when ``spec`` names a class by import path, ``pkg.mod:Class[:opts]``
+    (the part after the first ``:`` is an identifier, not ``key=value``); None for a registered name."""
+    parts = spec.split(":", 2)
+    if len(parts) < 2 or parts[0].strip() in HEADS or "=" in parts[1]:
+        return None
+    module, attr = parts[0].strip(), parts[1].strip()
+    if not (module and all(p.isidentifier() for p in module.split(".") + attr.split("."))):
+        return None
+    return f"{module}:{attr}", parts[2] if len(parts) > 2 else ""
+
+
+def _load(name: str, spec: str) -> type["GridHead"]:
+    """A head from the user's code: an installed package's entry point ``name``, or ``module:Class`` imported from
+    ``sys.path`` (the current directory included), checked to be a :class:`GridHead`; kept as ``name``."""
+    import importlib
+    import os
+    import sys
+
+    eps = _entry_points()
+    where = f"entry point {name!r} ({ENTRY_POINTS})" if name in eps else f"module {name.partition(':')[0]}"
+    try:
+        if name in eps:
+            obj = eps[name].load()
+        else:
+            module, _, attr = name.partition(":")
+            if os.getcwd() not in sys.path and "" not in sys.path:
+                sys.path.append(os.getcwd())  # `mimprobe` run from the folder that holds the module
+            obj = importlib.import_module(module)
+            for part in attr.split("."):
+                obj = getattr(obj, part)
+    except ImportError as e:
+        raise UserError(f"--head {spec}: cannot import {where} ({e}); put its module on PYTHONPATH or in the "
+                        "current directory") from None
+    except AttributeError:
+        raise UserError(f"--head {spec}: {name}: no such class in its module") from None
+    return as_head(obj, name, spec)
+
+
+def as_head(cls, name: str, spec: str | None = None) -> type["GridHead"]:
+    """``cls`` (a :class:`GridHead` subclass from the user's code) as the head kind ``name``: a subclass whose
+    ``kind`` is ``name`` (the user's class is left as it is), registered in :data:`USER_HEADS`."""
+    if not (isinstance(cls, type) and issubclass(cls, GridHead)) or cls is GridHead:
+        raise UserError(f"--head {spec or name}: {name} is not a head class (a subclass of mimprobe.GridHead)")
+    have = USER_HEADS.get(name)
+    if have is not None and have.__bases__[0] is cls:
+        return have
+    USER_HEADS[name] = type(cls.__name__, (cls,), {"kind": name, "__module__": cls.__module__,
+                                                    "__qualname__": cls.__qualname__, "__doc__": cls.__doc__})
+    return USER_HEADS[name]
+
+
+def head_class(kind: str, spec: str | None = None) -> type["GridHead"]:
+    """The class of head ``kind``: a built-in head, a head already loaded from the user's code, an installed
+    package's entry point (group ``mimprobe.heads``), or ``module:Class`` imported; else one UserError line."""
+    cls = HEADS.get(kind) or USER_HEADS.get(kind)
+    if cls is not None:
+        return cls
+    if _import_path(kind) is None and kind not in _entry_points():
+        raise UserError(f"--head {spec or kind}: unknown head; choose from {_known()}")
+    return _load(kind, spec or kind)
+
+
 def parse_spec(spec: str) -> tuple[str, dict]:
-    """``'abmilp:depth=2,act=tanh'`` → ``('abmilp', {'depth': 2, 'act': 'tanh'})``, validated."""
-    kind, _, rest = spec.partition(":")
-    kind = kind.strip()
-    if kind not in HEADS:
-        raise UserError(f"--head {spec}: unknown head; choose from {', '.join(HEADS)}")
+    """``'abmilp:depth=2,act=tanh'`` → ``('abmilp', {'depth': 2, 'act': 'tanh'})``, validated; a head from the
+    user's code is ``pkg.mod:Class`` or ``pkg.mod:Class:key=value,...`` (or an installed entry point's name)."""
+    path = _import_path(spec)
+    if path is not None:
+        kind, rest = path
+    else:
+        kind, _, rest = spec.partition(":")
+        kind = kind.strip()
+    cls = head_class(kind, spec)
     opts = {}
     for item in filter(None, (s.strip() for s in rest.split(","))):
         key, eq, value = item.partition("=")
         if not eq:
             raise UserError(f"--head {spec}: option {item!r} needs a value (key=value)")
         opts[key.strip()] = value.strip()
-    return kind, HEADS[kind].resolve_options(opts, spec)
+    return kind, cls.resolve_options(opts, spec)
+
+
+def split_specs(items) -> list[str]:
+    """Head specs from comma lists; ``key=value`` items belong to the spec before them:
+    ``linear-cls,abmilp:depth=2,act=tanh`` → [linear-cls, abmilp:depth=2,act=tanh]."""
+    out: list[str] = []
+    for item in (s.strip() for i in items for s in i.split(",")):
+        if not item:
+            continue
+        if "=" in item and ":" not in item and out:
+            out[-1] += "," + item
+        else:
+            out.append(item)
+    return out
 
 
 def spec_key(kind: str, options: dict) -> str:
     """The canonical name of a head: its kind and its non-default options, in declaration order."""
-    defaults = HEADS[kind].OPTIONS
+    defaults = head_class(kind).OPTIONS
     extra = [f"{k}={options[k]}" for k in defaults if k in options and options[k] != defaults[k][0]]
     return kind + (":" + ",".join(extra) if extra else "")
 
 
 def create_head(kind: str, **kwargs) -> "GridHead":
-    if kind not in HEADS:
-        raise UserError(f"--head {kind}: unknown head; choose from {', '.join(HEADS)}")
-    return HEADS[kind](**kwargs)
+    return head_class(kind)(**kwargs)
 
 
 def member_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:

@@ -124,11 +124,34 @@ def report(
     sweep: Optional[str] = typer.Option(None, help="also draw this head's grid (validation top-1 per lr x wd, l2 "
                                         "or k x T) as a heatmap: sweep_HEAD.png, or --sweep-plot"),
     sweep_plot: Optional[str] = typer.Option(None, help="PNG for --sweep"),
+    compare: Optional[str] = typer.Option(None, "--compare", help="BASELINE: a head name, or COLUMN=TEXT (e.g. "
+                                          "model=mae, 'train subset=10-shot'); prints every other result's paired "
+                                          "difference to it (bootstrap interval, McNemar p) instead of the table"),
+    compare_plot: Optional[str] = typer.Option(None, help="with --compare: also draw the differences (forest plot)"),
+    html: Optional[str] = typer.Option(None, help="also write one self-contained HTML report (tables with "
+                                       "intervals, bar charts, every head's sweep; --compare's table and plot)"),
+    heatmaps: Optional[str] = typer.Option(None, help="with --html: a folder of heatmap PNGs (mimprobe heatmap) "
+                                           "to show as a gallery"),
+    attention: Optional[list[str]] = typer.Option(None, help="with --html: attention.json files (mimprobe "
+                                                  "attention) to plot their [cls] entropy"),
 ):
     """One comparison table across runs: rows model / dataset / subset / protocol, columns head kinds."""
     from mimprobe.report import build_table, load_results, plot_table, render
 
     records = load_results(results)
+    if compare:
+        from mimprobe.report import compare as cmp
+
+        comparisons, column, varying = cmp.compare(records, compare)
+        typer.echo(cmp.render(comparisons, column, varying, format))
+        if compare_plot:
+            typer.echo(f"wrote {cmp.forest_plot(comparisons, compare_plot, column, varying)}")
+    if html:
+        from mimprobe.report.html import write_html
+
+        typer.echo(f"wrote {write_html(records, html, compare=compare, heatmaps=heatmaps, attention=attention)}")
+    if compare:
+        return
     if sweep:
         from mimprobe.report.sweep import plot_sweep
 

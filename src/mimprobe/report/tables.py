@@ -168,14 +168,24 @@ def render(t: Table, fmt: str = "md") -> str:
 
 
 def plot_table(t: Table, path: str, title: str = "eval top-1 by head") -> str:
-    from mimprobe.plotting import grouped_bars, new_figure, save_figure
+    from mimprobe.plotting import save_figure
+
+    return save_figure(table_figure(t, title), path)
+
+
+def table_figure(t: Table, title: str = "eval top-1 by head", interval: bool = False):
+    """Grouped bars, one group per row; error bars: the seeds' std, or with ``interval`` the 95 % bootstrap
+    interval over the eval rows (cells without one keep the std)."""
+    from mimprobe.plotting import grouped_bars, new_figure
 
     n_rows, n_heads = len(t.rows), len(t.heads)
     fig = new_figure(figsize=(max(5, 1.2 * n_rows * n_heads + 2), 4))
     ax = fig.add_subplot()
-    grouped_bars(ax, ["\n".join(k[:3]) for k in t.rows], [(h, [t.stats(k, h) for k in t.rows]) for h in t.heads])
+    intervals = [[t.interval(k, h) for k in t.rows] for h in t.heads] if interval else None
+    grouped_bars(ax, ["\n".join(k[:3]) for k in t.rows], [(h, [t.stats(k, h) for k in t.rows]) for h in t.heads],
+                 intervals=intervals)
     ax.tick_params(axis="x", labelsize=7)
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return save_figure(fig, path)
+    return fig

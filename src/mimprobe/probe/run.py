@@ -276,8 +276,9 @@ def _run_knn(plan: ProbePlan, split: Split, head: HeadPlan, pooled: tuple[Pooled
     sims, idx = knn.topk_neighbours(queries, bank, c["k"], **common)
     (m,) = knn.sweep(sims, bank.labels[idx], queries.labels, [c["k"]], [c["t"] or knn.DINO_T], plan.num_classes,
                      votes=[c["vote"]], memory_bytes=o.memory)
-    top, _ = knn.predict(sims, bank.labels[idx], plan.num_classes, k=c["k"], vote=c["vote"],
-                         temperature=c["t"] or knn.DINO_T, top=TOP, memory_bytes=o.memory)
+    top, score = knn.predict(sims, bank.labels[idx], plan.num_classes, k=c["k"], vote=c["vote"],
+                             temperature=c["t"] or knn.DINO_T, top=TOP, memory_bytes=o.memory)
+    top[score <= 0] = -1  # classes no neighbour voted for are no prediction (as the sweep scores top-5)
     t_end = time.perf_counter()
     return Outcome(head=None, points=points, val_top1=val, chosen=chosen,
                    metrics={"eval_top1": m["top1"], "eval_top5": m["top5"], "n": m["n"]},

@@ -133,25 +133,26 @@ def compare(records: list[dict], baseline: str) -> tuple[list[Comparison], str, 
 
 
 def _pair(cell: Cell, base: Cell) -> Comparison:
-    hashes = {rows_hash(r) for r in cell.records + base.records}
+    seeds, result = pair_records(cell.records, base.records, cell.labels["head"], base.labels["head"])
+    return Comparison(cell, base, seeds, result)
+
+
+def pair_records(a_records: list[dict], b_records: list[dict], a_name: str, b_name: str) -> tuple[list[int], Paired]:
+    """A's records against B's (one per seed each), paired by seed number (in seed order when they share none)."""
+    hashes = {rows_hash(r) for r in a_records + b_records}
     if len(hashes) != 1 or None in hashes:
         what = "kept no per-row predictions (re-run with this version and --out)" if None in hashes else \
             f"were scored on different eval rows (hashes {', '.join(sorted(h for h in hashes if h))})"
-        raise UserError(f"--compare: {cell.labels['head']} and its baseline {base.labels['head']} {what}; paired "
-                        "comparisons need the same eval rows")
-    by_a = {r["seed"]: r for r in cell.records}
-    by_b = {r["seed"]: r for r in base.records}
-    seeds = sorted(set(by_a) & set(by_b))
-    if not seeds:  # no seed in common: pair in seed order
-        pairs = list(zip(sorted(by_a), sorted(by_b)))
-        seeds = [a for a, _ in pairs]
-        ra, rb = [by_a[a] for a, _ in pairs], [by_b[b] for _, b in pairs]
-    else:
-        ra, rb = [by_a[s] for s in seeds], [by_b[s] for s in seeds]
-    a, b = correctness(ra), correctness(rb)
+        raise UserError(f"--compare: {a_name} and its baseline {b_name} {what}; paired comparisons need the same "
+                        "eval rows")
+    by_a = {r["seed"]: r for r in a_records}
+    by_b = {r["seed"]: r for r in b_records}
+    common = sorted(set(by_a) & set(by_b))
+    pairs = [(s, s) for s in common] or list(zip(sorted(by_a), sorted(by_b)))
+    a, b = correctness([by_a[x] for x, _ in pairs]), correctness([by_b[y] for _, y in pairs])
     if a.shape != b.shape:
-        raise UserError(f"--compare: {cell.labels['head']} and its baseline were scored on different eval rows")
-    return Comparison(cell, base, seeds, paired(a, b))
+        raise UserError(f"--compare: {a_name} and its baseline {b_name} were scored on different eval rows")
+    return [x for x, _ in pairs], paired(a, b)
 
 
 def render(comparisons: list[Comparison], column: str, varying: list[str], fmt: str = "md") -> str:

@@ -142,7 +142,7 @@ def _keep_predictions(s: Suite, g: Group, r: dict) -> dict:
     src = record_path(r, _scratch(s, g))
     if not src:
         return r
-    dst = os.path.join(f"{s.results}.preds", g.id, os.path.basename(os.path.dirname(src)), os.path.basename(src))
+    dst = os.path.join(f"{s.results}.preds", g.id, os.path.basename(src))  # a group runs each (head, seed) once
     if os.path.isfile(src):
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         shutil.move(src, dst)

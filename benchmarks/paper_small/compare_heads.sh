@@ -5,21 +5,10 @@
 # for the token heads), so it runs on 2 CPU cores in minutes. Stores are reused when they exist (WORK).
 #
 #   DATA=/work/cifar/cifar10 bash benchmarks/paper_small/compare_heads.sh
-set -euo pipefail
-HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-REPO="$(cd "$HERE/../.." && pwd)"
-cd "$REPO"
-DATA="${DATA:-/work/cifar/cifar10}"
-MIMPROBE="${MIMPROBE:-$REPO/.venv/bin/mimprobe}"
+# shellcheck source=env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 OUT="$HERE/results/compare"
-WORK="${WORK:-$REPO/benchmarks/_work/paper_small/stores}"
-MODEL=vit_tiny_patch16_224
-COMMON=(--img-size 64 --crop-pct 1.0)
 mkdir -p "$OUT" "$WORK"
-declare -A WEIGHTS=(
-  [mae]="--checkpoint $HERE/models/mae_vit_tiny_cifar10_64px.safetensors"
-  [sup]="--checkpoint $HERE/models/sup_vit_tiny_cifar10_64px.safetensors"
-)
 rm -rf "$OUT/results.jsonl" "$OUT/results.jsonl.preds"
 for m in mae sup; do
   # shellcheck disable=SC2086

@@ -121,6 +121,8 @@ def test_compare_table_and_forest_plot(results, cli, tmp_path):
         assert row[4] == f"{100 * ref.diff:+.2f}" and row[6] == f"{ref.p:.3g}"
         assert row[-1].strip("| ") == ("yes" if ref.holds else "no")
     assert "McNemar" in text and "B=1000" in text
+    code, _, err = cli("report", out, "--compare", "linear-mean", "--format", "csv", "--out", tmp_path / "c.csv")
+    assert code == 0 and (tmp_path / "c.csv").read_text().startswith("compared,baseline,")
 
 
 def test_compare_refuses_results_over_different_eval_rows(results, cli):
@@ -129,6 +131,8 @@ def test_compare_refuses_results_over_different_eval_rows(results, cli):
     assert code == 2 and "different eval rows" in err and len(err.strip().splitlines()) == 1
     code, _, err = cli("report", out, "--compare", "nohead")
     assert code == 2 and "no result has head 'nohead'" in err
+    code, _, err = cli("report", out, "--compare", "color=red")
+    assert code == 2 and "no column 'color'" in err
 
 
 def test_html_is_self_contained_and_embeds_every_figure(results, cli, tmp_path):

@@ -113,9 +113,7 @@ def add_results(page: Page, records: list[dict], compare: str | None = None) -> 
             page.figure(sweep_figure(records, h), f"sweep of {h}")
 
 
-def add_attention(page: Page, paths: list[str]) -> None:
-    from mimprobe.analysis.plots import attention_figure, compare_figure
-
+def read_attention(paths: list[str]) -> list[dict]:
     results = []
     for p in paths:
         try:
@@ -123,22 +121,31 @@ def add_attention(page: Page, paths: list[str]) -> None:
                 results.append(json.load(f))
         except (OSError, ValueError) as e:
             raise UserError(f"--attention {p}: cannot read it as an attention.json ({e})") from None
-        if "layers" not in results[-1]:
+        if not isinstance(results[-1], dict) or "layers" not in results[-1]:
             raise UserError(f"--attention {p}: not an attention.json (write one with `mimprobe attention`)")
+    return results
+
+
+def add_attention(page: Page, results: list[dict], names: list[str]) -> None:
+    from mimprobe.analysis.plots import attention_figure, compare_figure
+
     page.section("Attention entropy per block")
     if len(results) > 1:
-        page.figure(compare_figure(results, "cls_patch_entropy_norm", [os.path.basename(os.path.dirname(p)) or p
-                                                                       for p in paths]), "[cls] entropy per block")
+        page.figure(compare_figure(results, "cls_patch_entropy_norm", names), "[cls] entropy per block")
     for r in results:
         page.figure(attention_figure(r), "attention entropy per block")
 
 
-def add_gallery(page: Page, folder: str, limit: int = 200) -> None:
+def gallery_files(folder: str) -> list[str]:
     if not os.path.isdir(folder):
         raise UserError(f"--heatmaps {folder}: no such folder (write one with `mimprobe heatmap HEAD DATA --out DIR`)")
     pngs = sorted(os.path.join(d, f) for d, _, files in os.walk(folder) for f in files if f.lower().endswith(".png"))
     if not pngs:
         raise UserError(f"--heatmaps {folder}: no PNG in it")
+    return pngs
+
+
+def add_gallery(page: Page, folder: str, pngs: list[str], limit: int = 200) -> None:
     page.section(f"Heatmaps ({folder})")
     parts = []
     for p in pngs[:limit]:
@@ -151,10 +158,13 @@ def add_gallery(page: Page, folder: str, limit: int = 200) -> None:
 
 def write_html(records: list[dict], path: str, compare: str | None = None, heatmaps: str | None = None,
                attention: list[str] | None = None, title: str = "mimprobe report") -> str:
+    """The whole page; every input is read (and refused with one line) before anything is drawn or written."""
+    pngs = gallery_files(heatmaps) if heatmaps else []
+    att = read_attention(attention) if attention else []
     page = Page(title)
     add_results(page, records, compare)
-    if attention:
-        add_attention(page, attention)
-    if heatmaps:
-        add_gallery(page, heatmaps)
+    if att:
+        add_attention(page, att, [os.path.basename(os.path.dirname(os.path.abspath(p))) for p in attention])
+    if pngs:
+        add_gallery(page, heatmaps, pngs)
     return page.write(path)

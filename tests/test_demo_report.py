@@ -27,7 +27,7 @@ def demo_run(tmp_path_factory):
 @pytest.mark.slow
 def test_demo_writes_everything_and_shows_the_point(demo_run):
     out, result, printed = demo_run
-    for name in ("train.zarr", "eval.zarr", "results.jsonl", "results.md", "results.png", "heatmaps"):
+    for name in ("train.zarr", "eval.zarr", "results.jsonl", "results.md", "results.png", "results.html", "heatmaps"):
         assert os.path.exists(os.path.join(out, name)), name
     assert os.path.isfile(os.path.join(out, "heads", "abmilp", "seed0", "head.safetensors"))
     pngs = [f for f in os.listdir(os.path.join(out, "heatmaps")) if f.endswith(".png")]
@@ -43,6 +43,8 @@ def test_demo_writes_everything_and_shows_the_point(demo_run):
     assert acc["abmilp"] >= acc["linear-mean"] + 0.10, acc
     table_line = next(ln for ln in printed.splitlines() if ln.startswith("abmilp"))
     assert f"{100 * acc['abmilp']:.2f}" in table_line
+    page = open(os.path.join(out, "results.html"), encoding="utf-8").read()
+    assert "Difference to baseline (linear-cls)" in page and page.count("data:image/png;base64,") >= 2 + len(pngs)
 
 
 def _seeded_results(tmp_path, cli):

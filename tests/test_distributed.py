@@ -100,6 +100,8 @@ def test_killed_rank_then_single_process_finishes(tmp_path, folder, tiny_ckpt):
 
 
 def test_two_rank_probe_matches_single_process(tmp_path):
+    from mimprobe.probe.predictions import Predictions, record_path
+
     rng = np.random.default_rng(0)
     n, T, D, C = 1200, 17, 32, 4
     y = np.arange(n) % C
@@ -126,6 +128,8 @@ def test_two_rank_probe_matches_single_process(tmp_path):
         a, b = two[head]["metrics"]["eval_top1"], one[head]["metrics"]["eval_top1"]
         assert abs(a - b) <= 0.02 + 1e-9, (head, a, b)
         assert two[head]["num_eval"] == one[head]["num_eval"] == 400  # metrics reduced over both ranks
+        kept = Predictions.load(record_path(two[head], str(out2)))  # each rank's rows gathered into one file
+        assert len(set(kept.ids)) == 400 and kept.correct.mean() == pytest.approx(a, abs=1e-9)
     assert two["abmilp"]["metrics"]["eval_top1"] > 0.9
 
 

@@ -59,6 +59,17 @@ def _records(path: Path) -> list[dict]:
     return [json.loads(line) for line in open(path, encoding="utf-8")]
 
 
+def _predictions(path: Path) -> dict:
+    """Each record's kept predictions (top classes of every eval row), by (cell, head)."""
+    import numpy as np
+
+    out = {}
+    for r in _records(path):
+        with np.load(path.parent / r["predictions"]["file"]) as z:
+            out[r["suite_cell"], r["head"]] = (z["ids"].tolist(), z["top"].tolist())
+    return out
+
+
 def _comparable(path: Path, root: Path) -> list[str]:
     """Records without wall-clock fields, the run's folder replaced, sorted by (cell, head)."""
     out = []
@@ -95,11 +106,17 @@ def test_uninterrupted_run_and_report(finished):
     assert {r["suite"]["train"] for r in recs} == {"all", "4-shot"}
     assert {r["subset"]["kind"] for r in recs} == {"all", "shots"}
     report = root / "suite-out" / "report"
-    for name in ("report.md", "glyphs.png", "glyphs-s1.png", "cells.csv"):
+    for name in ("report.md", "glyphs.png", "glyphs-s1.png", "cells.csv", "report.html"):
         assert (report / name).stat().st_size > 0
     md = (report / "report.md").read_text()
     assert "## glyphs-s1" in md and "| model | head | all | 4-shot |" in md
     assert md.count("| vit-small-int8 | abmilp |") == 2  # one row per dataset
+    # a difference-to-baseline table per dataset: every other (model, head) x train set against the first row
+    assert md.count("Difference to baseline vit-tiny · linear-cls") == 2
+    assert md.count("| vit-small-int8 · abmilp | 4-shot |") == 2 and "McNemar" in md and "not compared" not in md
+    page = (report / "report.html").read_text()
+    assert "https://" not in page and page.count('src="data:image/png;base64,') >= 4
+    assert all(os.path.isfile(root / "suite-out" / r["predictions"]["file"]) for r in recs)
     rows = list(csv.DictReader(open(report / "cells.csv")))
     assert len(rows) == N_CELLS * N_HEADS
     for col in ("model", "dataset", "head", "shots", "seed", "top1", "top5", "k", "T", "params", "protocol"):
@@ -195,6 +212,7 @@ def test_killed_twice_then_rerun_gives_the_uninterrupted_results(finished, tmp_p
     assert len(keys) == len(set(keys)) == N_CELLS * N_HEADS
     assert _comparable(out / "results.jsonl", tmp_path) == _comparable(ref_root / "suite-out" / "results.jsonl",
                                                                        ref_root)
+    assert _predictions(out / "results.jsonl") == _predictions(ref_root / "suite-out" / "results.jsonl")
     assert os.listdir(out / "runs") == []
 
 

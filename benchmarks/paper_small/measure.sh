@@ -5,23 +5,10 @@
 # Writes results/ (JSON, plots, tables; committed) and large stores under benchmarks/_work/ (git-ignored).
 #
 #   DATA=/work/cifar/cifar10 bash benchmarks/paper_small/measure.sh
-set -euo pipefail
-HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-REPO="$(cd "$HERE/../.." && pwd)"
-cd "$REPO"
-DATA="${DATA:-/work/cifar/cifar10}"
-MIMPROBE="${MIMPROBE:-$REPO/.venv/bin/mimprobe}"
+# shellcheck source=env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 OUT="$HERE/results"
-WORK="$REPO/benchmarks/_work/paper_small/stores"
-MODEL=vit_tiny_patch16_224
-COMMON=(--img-size 64 --crop-pct 1.0)   # the encoders were trained on whole 32->64 px images
 mkdir -p "$OUT" "$WORK"
-
-declare -A WEIGHTS=(
-  [mae]="--checkpoint $HERE/models/mae_vit_tiny_cifar10_64px.safetensors"
-  [sup]="--checkpoint $HERE/models/sup_vit_tiny_cifar10_64px.safetensors"
-  [random]="--no-pretrained"
-)
 
 # 1. [cls] attention entropy per block (512 test images), and one comparison plot
 for m in mae sup random; do

@@ -12,14 +12,11 @@
 # RESUME=1 to continue both runs from their last checkpoints.
 #
 #   nohup benchmarks/paper_small/run_training.sh > benchmarks/paper_small/logs/run_training.out 2>&1 &
-set -uo pipefail
-
-HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-REPO="$(cd "$HERE/../.." && pwd)"
-cd "$REPO"
+# shellcheck source=env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"   # HERE, REPO (the working directory), DATA
+set +e  # each training run reports its own failure; the other still runs
 
 PYTHON="${PYTHON:-$REPO/.venv/bin/python}"
-DATA="${DATA:-/work/cifar/cifar10}"
 LOGS="$HERE/logs"
 MODELS="$HERE/models"
 WORK="$REPO/benchmarks/_work/paper_small"

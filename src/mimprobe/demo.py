@@ -84,5 +84,10 @@ def run_demo(opts: DemoOptions, echo=print) -> dict:
         heatmaps(os.path.join(heads_dir, "abmilp", "seed0"), f"demo:eval:{opts.eval_size}", images=opts.heatmaps,
                  out_dir=hm_dir, checkpoint=opts.checkpoint)
         out["heatmaps"] = hm_dir
-    echo(f"\nwrote {results}, {md}, {png}" + (f", {out['heatmaps']}/" if "heatmaps" in out else ""))
+    from mimprobe.report.html import write_html
+
+    out["html"] = write_html([dict(r, _results_file=results) for r in records], os.path.join(opts.out, "results.html"),
+                             compare="linear-cls", heatmaps=out.get("heatmaps"), title=f"mimprobe demo ({opts.model}, "
+                             f"{weights_label(opts)})")
+    echo(f"\nwrote {results}, {md}, {png}, {out['html']}" + (f", {out['heatmaps']}/" if "heatmaps" in out else ""))
     return out

@@ -22,14 +22,18 @@ def save_figure(fig: Figure, path: str, dpi: int = 120) -> str:
     return path
 
 
-def grouped_bars(ax, groups: list[str], series: list[tuple[str, list]], capsize: int = 3) -> None:
+def grouped_bars(ax, groups: list[str], series: list[tuple[str, list]], capsize: int = 3,
+                 intervals: list[list] | None = None) -> None:
     """One bar per (group, series), side by side within a group, with error bars: ``series`` is (label,
-    [(mean, std, ...) or None per group]); missing values leave a gap."""
+    [(mean, std, ...) or None per group]); missing values leave a gap. Error bars: ± std, or where
+    ``intervals[series][group]`` is a (low, high) pair, that interval."""
     width = 0.8 / max(1, len(series))
     for j, (label, stats) in enumerate(series):
         st = [s or (np.nan, 0.0) for s in stats]
+        ci = intervals[j] if intervals else [None] * len(st)
+        err = np.array([[s[0] - c[0], c[1] - s[0]] if c else [s[1], s[1]] for s, c in zip(st, ci)]).T
         x = np.arange(len(groups)) + j * width - 0.4 + width / 2
-        ax.bar(x, [s[0] for s in st], width, yerr=[s[1] for s in st], label=label, capsize=capsize)
+        ax.bar(x, [s[0] for s in st], width, yerr=err, label=label, capsize=capsize)
     ax.set_xticks(np.arange(len(groups)))
     ax.set_xticklabels(groups)
     ax.set_ylabel("eval top-1 (%)")

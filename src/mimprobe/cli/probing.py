@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from mimprobe.cli.app import _bytes, _heads, _is_main, _numbers, _quiet, app
+from mimprobe.errors import UserError
 
 
 @app.command()
@@ -124,18 +125,39 @@ def report(
     sweep: Optional[str] = typer.Option(None, help="also draw this head's grid (validation top-1 per lr x wd, l2 "
                                         "or k x T) as a heatmap: sweep_HEAD.png, or --sweep-plot"),
     sweep_plot: Optional[str] = typer.Option(None, help="PNG for --sweep"),
+    compare: Optional[str] = typer.Option(None, "--compare", help="BASELINE: a head name, or COLUMN=TEXT (e.g. "
+                                          "model=mae, 'train subset=10-shot'); prints every other result's paired "
+                                          "difference to it (bootstrap interval, McNemar p) in the table's place"),
+    compare_plot: Optional[str] = typer.Option(None, help="with --compare: also draw the differences (forest plot)"),
+    html: Optional[str] = typer.Option(None, help="also write one self-contained HTML report (tables with "
+                                       "intervals, bar charts, every head's sweep; --compare's table and plot)"),
+    heatmaps: Optional[str] = typer.Option(None, help="with --html: a folder of heatmap PNGs (mimprobe heatmap) "
+                                           "to show as a gallery"),
+    attention: Optional[list[str]] = typer.Option(None, help="with --html: attention.json files (mimprobe "
+                                                  "attention) to plot their [cls] entropy"),
 ):
-    """One comparison table across runs: rows model / dataset / subset / protocol, columns head kinds."""
+    """One comparison table across runs: rows model / dataset / subset / protocol, columns head kinds; cells
+    mean ± std over seeds [95 % bootstrap interval over eval rows]. --compare: paired differences to a baseline."""
     from mimprobe.report import build_table, load_results, plot_table, render
 
     records = load_results(results)
+    if compare_plot and not compare:
+        raise UserError("--compare-plot goes with --compare BASELINE")
+    if (heatmaps or attention) and not html:
+        raise UserError("--heatmaps and --attention go with --html FILE")
     if sweep:
         from mimprobe.report.sweep import plot_sweep
 
         name = "".join(c if c.isalnum() or c in "-_." else "_" for c in sweep)
         typer.echo(f"wrote {plot_sweep(records, sweep, sweep_plot or f'sweep_{name}.png')}")
     table = build_table(records)
-    text = render(table, format)
+    if compare:  # the differences to the baseline take the table's place (--out, stdout)
+        from mimprobe.report import compare as cmp
+
+        comparisons, column, varying = cmp.compare(records, compare)
+        text = cmp.render(comparisons, column, varying, format)
+    else:
+        text = render(table, format)
     if out:
         with open(out, "w", encoding="utf-8") as f:
             f.write(text if text.endswith("\n") else text + "\n")
@@ -144,3 +166,9 @@ def report(
         typer.echo(text)
     if plot:
         typer.echo(f"wrote {plot_table(table, plot)}")
+    if compare_plot:
+        typer.echo(f"wrote {cmp.forest_plot(comparisons, compare_plot, column, varying)}")
+    if html:
+        from mimprobe.report.html import write_html
+
+        typer.echo(f"wrote {write_html(records, html, compare=compare, heatmaps=heatmaps, attention=attention)}")

@@ -8,6 +8,7 @@ validates at the boundary.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -136,6 +137,11 @@ class ProbePlan:
 
     def by_trainer(self, trainer: str) -> list[HeadPlan]:
         return [h for h in self.heads if h.trainer == trainer]
+
+    @functools.cached_property
+    def eval_rows_hash(self) -> str:
+        """The hash of the eval rows' sample ids: results are compared row by row only when theirs are equal."""
+        return subsets.ids_hash(self.eval, self.eval_rows)
 
     @property
     def grid(self) -> tuple[int, int] | None:

@@ -7,6 +7,7 @@ from mimprobe.probe import subsets
 from mimprobe.probe.lbfgs import MAX_ITER, TOL
 from mimprobe.probe.plan import HeadPlan, ProbePlan, Split
 from mimprobe.probe.results import model_ref, now, store_ref, versions
+from mimprobe.report.stats import bootstrap_ci, interval_protocol
 
 
 def grid_edges(points: list[dict], chosen: int) -> list[str]:
@@ -77,8 +78,11 @@ def training(plan: ProbePlan, head: HeadPlan, out) -> dict:
             "grid": {"lr": list(cfg.lrs), "wd": list(cfg.wds)}}
 
 
-def make_record(plan: ProbePlan, split: Split, head: HeadPlan, out) -> dict:
+def make_record(plan: ProbePlan, split: Split, head: HeadPlan, out, preds_file: str | None = None) -> dict:
+    """``preds_file``: where the per-row predictions were written, relative to the results file's folder."""
     train = plan.train
+    correct = out.preds.correct
+    ci = bootstrap_ci(correct)
     val = out.val_top1
     g = out.chosen
     one = out.head.heads[head.key] if out.head is not None else None
@@ -101,10 +105,14 @@ def make_record(plan: ProbePlan, split: Split, head: HeadPlan, out) -> dict:
         "num_train": int(len(split.train_rows)),
         "num_val": int(len(split.val_rows)),
         "num_eval": out.metrics["n"],
+        "eval_rows_hash": plan.eval_rows_hash,
+        "predictions": {"file": preds_file, "rows_hash": plan.eval_rows_hash, "num_rows": int(len(correct)),
+                        "top": int(out.preds.top.shape[1])},
         "chosen": dict(out.points[g], member=g, edges=grid_edges(out.points, g), ties=ties(val, g)),
         "grid": [dict(p, val_top1=val[i] if val else None) for i, p in enumerate(out.points)],
         "metrics": {"val_top1": val[g] if val else None, "eval_top1": out.metrics["eval_top1"],
-                    "eval_top5": out.metrics["eval_top5"]},
+                    "eval_top5": out.metrics["eval_top5"], "eval_top1_ci": list(ci)},
+        "interval": interval_protocol(),
         "timings": dict(out.timings, steps=out.training.steps, resumed_at_step=out.training.resumed_at_step,
                         pooled_once=head.trainer == "lbfgs"
                         or plan.sgd_on_pooled, heads_trained_together=len(plan.by_trainer(head.trainer)) * len(

@@ -26,6 +26,7 @@ from mimprobe.probe.feed import Feeder
 from mimprobe.probe.lbfgs import fit_lbfgs
 from mimprobe.probe.plan import KNN_DEFAULT_POINT, HeadPlan, ProbeOptions, ProbePlan, Split, make_plan
 from mimprobe.probe.pooled import Pooled, pool_rows, pool_with
+from mimprobe.probe.predictions import TOP, Predictions, file_name
 from mimprobe.probe.records import make_record
 from mimprobe.probe.results import append_jsonl
 from mimprobe.probe.saved import save_head
@@ -43,6 +44,7 @@ class Outcome:
     metrics: dict
     training: TrainResult
     timings: dict = field(default_factory=dict)
+    preds: Predictions | None = None  # each eval row's top classes
 
 
 def run_probe(train_path: str, eval_path: str, opts: ProbeOptions) -> list[dict]:
@@ -64,15 +66,24 @@ RUN_INDEPENDENT = ("out", "quiet", "workers", "device", "in_memory", "checkpoint
 def resume_dir(plan: ProbePlan) -> str | None:
     """Where a run with ``--out`` keeps what a re-run of the same command resumes from: the records of finished
     seeds and the checkpoint of the grid in training (``OUT.resume/<identity of the run>/``)."""
+    return f"{plan.opts.out}.resume/{run_identity(plan)}" if plan.opts.out else None
+
+
+def preds_path(plan: ProbePlan, head: str, seed: int) -> str | None:
+    """Where a run with ``--out`` keeps a head's per-row eval predictions (``OUT.preds/<identity>/``): a resumed
+    run writes the same files as an uninterrupted one."""
+    return os.path.join(f"{plan.opts.out}.preds", run_identity(plan), file_name(head, seed)) if plan.opts.out \
+        else None
+
+
+def run_identity(plan: ProbePlan) -> str:
+    """A hash of everything that decides a run's results (options, stores, model)."""
     o = plan.opts
-    if not o.out:
-        return None
     ident = {k: v for k, v in dataclasses.asdict(o).items() if k not in RUN_INDEPENDENT}
     for name, store in (("train", plan.train), ("eval", plan.eval)):
         ident[name] = [os.path.abspath(store.path) if "://" not in store.path else store.path,
                        store.attrs.get("dataset", {}).get("content_hash"), store.attrs["model"]]
-    h = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return f"{o.out}.resume/{h}"
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _write_json(path: str, obj) -> None:
@@ -122,7 +133,11 @@ def _execute(plan: ProbePlan, scratch: str | None) -> list[dict]:
         for head in plan.heads:
             out = outcomes[head.key]
             out.timings["setup_seconds"] = setup
-            rec = make_record(plan, split, head, out)
+            path = preds_path(plan, head.key, split.seed)
+            if path and plan.ctx.is_main:
+                out.preds.save(path)
+            rec = make_record(plan, split, head, out, path and os.path.relpath(path, os.path.dirname(
+                os.path.abspath(o.out))))
             seed_records.append(rec)
             if o.save_heads and plan.ctx.is_main and out.head is not None:
                 _save(plan, head, out, rec)
@@ -195,7 +210,7 @@ def _choose(plan: ProbePlan, heads: list[HeadPlan], headset: HeadSet, val_feed: 
     chosen = {h.key: best_member(val[h.key]) if val else 0 for h in heads}
     selected = headset.select(chosen)
     t_eval, eval_read0 = time.perf_counter(), eval_feed.read_seconds
-    metrics = evaluate(selected, eval_feed, plan.device, plan.ctx)
+    metrics = evaluate(selected, eval_feed, plan.device, plan.ctx, keep=TOP)
     t_end = time.perf_counter()
     timings = {"read_seconds": sum(f.read_seconds for f in reads) + eval_feed.read_seconds - eval_read0,
                "train_seconds": result.train_seconds, "select_seconds": t_eval - t_val,
@@ -209,7 +224,7 @@ def _choose(plan: ProbePlan, heads: list[HeadPlan], headset: HeadSet, val_feed: 
             head=one, points=points, val_top1=[float(v) for v in val[h.key]["top1"]] if val else None,
             chosen=chosen[h.key], training=result, timings=dict(timings),
             metrics={"eval_top1": float(m["top1"][0]), "eval_top5": float(m["top5"][0]) if "top5" in m else None,
-                     "n": int(m["n"])})
+                     "n": int(m["n"])}, preds=Predictions.from_rows(plan.eval, m["rows"], m["y"], m["top"]))
     return out
 
 
@@ -261,9 +276,13 @@ def _run_knn(plan: ProbePlan, split: Split, head: HeadPlan, pooled: tuple[Pooled
     sims, idx = knn.topk_neighbours(queries, bank, c["k"], **common)
     (m,) = knn.sweep(sims, bank.labels[idx], queries.labels, [c["k"]], [c["t"] or knn.DINO_T], plan.num_classes,
                      votes=[c["vote"]], memory_bytes=o.memory)
+    top, score = knn.predict(sims, bank.labels[idx], plan.num_classes, k=c["k"], vote=c["vote"],
+                             temperature=c["t"] or knn.DINO_T, top=TOP, memory_bytes=o.memory)
+    top[score <= 0] = -1  # classes no neighbour voted for are no prediction (as the sweep scores top-5)
     t_end = time.perf_counter()
     return Outcome(head=None, points=points, val_top1=val, chosen=chosen,
                    metrics={"eval_top1": m["top1"], "eval_top5": m["top5"], "n": m["n"]},
+                   preds=Predictions.from_rows(plan.eval, peval.rows, queries.labels.numpy(), top.numpy()),
                    training=TrainResult(t_eval - t0, 0.0, 0, 0.0),
                    timings={"read_seconds": ptrain.read_seconds + peval.read_seconds, "train_seconds": 0.0,
                             "select_seconds": t_eval - t0, "eval_seconds": t_end - t_eval,

@@ -13,6 +13,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -266,17 +267,22 @@ def train_grid(headset: HeadSet, train: Feeder, cfg: TrainConfig, device: torch.
 
 @torch.no_grad()
 def evaluate(headset: HeadSet, feeder: Feeder, device: torch.device,
-             ctx: DistContext = DistContext()) -> dict[str, dict[str, torch.Tensor]]:
+             ctx: DistContext = DistContext(), keep: int = 0) -> dict[str, dict[str, torch.Tensor]]:
     """Per head: top-1 / top-5 accuracy and mean cross-entropy of every member (G,), and the number of samples
-    (summed over ranks)."""
+    (summed over ranks). ``keep`` > 0 (one-member heads): also each row's top-``keep`` classes, gathered from every
+    rank, as ``rows`` (N,), ``y`` (N,), ``top`` (N, keep) numpy arrays."""
     headset.to(device).eval()
     counts: dict[str, dict[str, torch.Tensor]] = {}
+    kept: dict[str, list] = {}
     n = torch.zeros((), dtype=torch.long, device=device)
     feeder.set_epoch(0)
     for batch in feeder:
         logits = headset(batch.decode(feeder.codec), pooled=feeder.pooled)
         n += len(batch)
         for k, lg in logits.items():
+            if keep:
+                top = lg[0].topk(min(keep, lg.shape[-1]), dim=-1).indices  # as topk_correct ranks them
+                kept.setdefault(k, []).append((batch.rows.cpu().numpy(), batch.y.cpu().numpy(), top.cpu().numpy()))
             c = counts.setdefault(k, {})
             for kk, v in topk_correct(lg, batch.y).items():
                 c[f"top{kk}"] = c.get(f"top{kk}", 0) + v
@@ -291,6 +297,13 @@ def evaluate(headset: HeadSet, feeder: Feeder, device: torch.device,
     for k, c in counts.items():
         out[k] = {key: (v.double() / max(int(n), 1)).cpu() for key, v in c.items()}
         out[k]["n"] = int(n)
+        if keep:
+            parts = kept.get(k, [])
+            if ctx.active:
+                every = [None] * ctx.world
+                torch.distributed.all_gather_object(every, parts)
+                parts = [p for rank in every for p in rank]
+            out[k].update(zip(("rows", "y", "top"), (np.concatenate(x) for x in zip(*parts))))
     return out
 
 

@@ -43,7 +43,13 @@ def sweep_grids(records: list[dict], head: str) -> list[tuple[tuple, str, str | 
 
 
 def plot_sweep(records: list[dict], head: str, path: str) -> str:
-    from mimprobe.plotting import new_figure, save_figure
+    from mimprobe.plotting import save_figure
+
+    return save_figure(sweep_figure(records, head), path)
+
+
+def sweep_figure(records: list[dict], head: str):
+    from mimprobe.plotting import new_figure
 
     grids = sweep_grids(records, head)
     fig = new_figure(figsize=(4.2 * len(grids), 3.8))
@@ -63,4 +69,4 @@ def plot_sweep(records: list[dict], head: str, path: str) -> str:
         fig.colorbar(im, ax=ax, label="val top-1 (%)")
     fig.suptitle(f"{head}: validation top-1 over its grid (mean over seeds; red = best)", fontsize=9)
     fig.tight_layout()
-    return save_figure(fig, path)
+    return fig

@@ -40,6 +40,7 @@ def load_results(paths: list[str]) -> list[dict]:
                 if not isinstance(r, dict) or r.get("type") != "mimprobe.probe":
                     log.warning("%s:%d: not a mimprobe probe result: skipped", path, n)
                     continue
+                r["_results_file"] = path  # where its predictions file is resolved from (never written back)
                 records.append(r)
     if not records:
         raise UserError(f"{', '.join(paths)}: no results")
@@ -82,12 +83,21 @@ class Table:
     heads: list[str]
     rows: list[tuple] = field(default_factory=list)  # row key
     cells: dict = field(default_factory=dict)  # (row key, head) → list of eval top-1 (one per seed)
+    records: dict = field(default_factory=dict)  # (row key, head) → the records (one per seed)
 
     def stats(self, key, head) -> tuple[float, float, int] | None:
         return percent_stats(self.cells.get((key, head)))
 
     def best(self, key) -> str | None:
         return best_of({h: self.stats(key, h) for h in self.heads})
+
+    def interval(self, key, head) -> tuple[float, float] | None:
+        """The cell's 95 % bootstrap interval over eval rows (%), None without per-row predictions."""
+        from mimprobe.report.compare import cell_interval
+
+        rs = self.records.get((key, head))
+        ci = cell_interval(rs) if rs else None
+        return None if ci is None else (100 * ci[0], 100 * ci[1])
 
 
 def percent_stats(values) -> tuple[float, float, int] | None:
@@ -114,15 +124,23 @@ def build_table(records: list[dict]) -> Table:
             seen[key] = True
             t.rows.append(key)
         t.cells.setdefault((key, r["head"]), []).append(r["metrics"]["eval_top1"])
+        t.records.setdefault((key, r["head"]), []).append(r)
     return t
 
 
-def _cell(t: Table, key, head) -> str:
+def _cell(t: Table, key, head, interval: bool = False) -> str:
     s = t.stats(key, head)
     if s is None:
         return "-"
     mean, std, n = s
-    return f"{mean:.2f} ± {std:.2f}" if n > 1 else f"{mean:.2f}"
+    text = f"{mean:.2f} ± {std:.2f}" if n > 1 else f"{mean:.2f}"
+    ci = t.interval(key, head) if interval else None
+    return text + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "")
+
+
+def _interval(t: Table, key, head) -> str:
+    ci = t.interval(key, head)
+    return f"{ci[0]:.2f}-{ci[1]:.2f}" if ci else ""
 
 
 def render(t: Table, fmt: str = "md") -> str:
@@ -130,32 +148,44 @@ def render(t: Table, fmt: str = "md") -> str:
     if fmt == "csv":
         buf = io.StringIO()
         w = csv.writer(buf)
-        w.writerow(header + ["best"] + [f"{h} seeds" for h in t.heads])
+        w.writerow(header + ["best"] + [f"{h} seeds" for h in t.heads] + [f"{h} 95% CI" for h in t.heads])
         for key in t.rows:
             w.writerow(list(key) + [_cell(t, key, h) for h in t.heads] + [t.best(key) or ""]
-                       + [(t.stats(key, h) or (0, 0, 0))[2] for h in t.heads])
+                       + [(t.stats(key, h) or (0, 0, 0))[2] for h in t.heads] + [_interval(t, key, h) for h in t.heads])
         return buf.getvalue()
     if fmt != "md":
         raise UserError(f"--format {fmt}: choose md or csv")
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for key in t.rows:
         best = t.best(key)
-        cells = [f"**{_cell(t, key, h)}**" if h == best else _cell(t, key, h) for h in t.heads]
+        cells = [_cell(t, key, h, True) for h in t.heads]
+        cells = [f"**{c}**" if h == best else c for h, c in zip(t.heads, cells)]
         lines.append("| " + " | ".join(list(key) + cells) + " |")
     lines.append("")
-    lines.append("eval top-1 (%), mean ± std over seeds; **bold** = best head of the row.")
+    lines.append("eval top-1 (%), mean ± std over seeds (the seeds' spread), [95 % bootstrap interval over the eval "
+                 "rows (the eval set's sampling error), where predictions were kept]; **bold** = best head of the row.")
     return "\n".join(lines)
 
 
 def plot_table(t: Table, path: str, title: str = "eval top-1 by head") -> str:
-    from mimprobe.plotting import grouped_bars, new_figure, save_figure
+    from mimprobe.plotting import save_figure
+
+    return save_figure(table_figure(t, title), path)
+
+
+def table_figure(t: Table, title: str = "eval top-1 by head", interval: bool = False):
+    """Grouped bars, one group per row; error bars: the seeds' std, or with ``interval`` the 95 % bootstrap
+    interval over the eval rows (cells without one keep the std)."""
+    from mimprobe.plotting import grouped_bars, new_figure
 
     n_rows, n_heads = len(t.rows), len(t.heads)
     fig = new_figure(figsize=(max(5, 1.2 * n_rows * n_heads + 2), 4))
     ax = fig.add_subplot()
-    grouped_bars(ax, ["\n".join(k[:3]) for k in t.rows], [(h, [t.stats(k, h) for k in t.rows]) for h in t.heads])
+    intervals = [[t.interval(k, h) for k in t.rows] for h in t.heads] if interval else None
+    grouped_bars(ax, ["\n".join(k[:3]) for k in t.rows], [(h, [t.stats(k, h) for k in t.rows]) for h in t.heads],
+                 intervals=intervals)
     ax.tick_params(axis="x", labelsize=7)
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return save_figure(fig, path)
+    return fig

@@ -134,6 +134,22 @@ def _probe(plan: SuitePlan, g: Group, stores, quiet: bool) -> list[dict]:
     return run_probe(stores[0].path, stores[1].path, opts)
 
 
+def _keep_predictions(s: Suite, g: Group, r: dict) -> dict:
+    """Move a record's predictions file from the run's scratch folder to ``RESULTS.preds/<group>/`` and point the
+    record there (relative to the results file's folder)."""
+    from mimprobe.probe.predictions import record_path
+
+    src = record_path(r, _scratch(s, g))
+    if not src:
+        return r
+    dst = os.path.join(f"{s.results}.preds", g.id, os.path.basename(src))  # a group runs each (head, seed) once
+    if os.path.isfile(src):
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        shutil.move(src, dst)
+    r["predictions"] = dict(r["predictions"], file=os.path.relpath(dst, os.path.dirname(os.path.abspath(s.results))))
+    return r
+
+
 def _finish(plan: SuitePlan, g: Group, records: list[dict]) -> None:
     """Give each record its cell, append them to the results in one write, drop the scratch file."""
     from mimprobe.probe.results import append_jsonl
@@ -145,14 +161,14 @@ def _finish(plan: SuitePlan, g: Group, records: list[dict]) -> None:
         c = by_seed[r["seed"]]
         if base_head(r) not in g.heads:
             continue
-        r = dict(r)
+        r = _keep_predictions(s, g, dict(r))
         r[RECORD_FIELD] = c.key
         r["suite"] = {"name": s.name, "file": s.path, "model": c.model.name, "dataset": c.dataset.name,
                       "evaluation": c.evaluation.name, "train": c.trainset.label}
         out.append(r)
     append_jsonl(s.results, out)
     scratch = _scratch(s, g)
-    for p in (scratch, f"{scratch}.resume"):
+    for p in (scratch, f"{scratch}.resume", f"{scratch}.preds"):
         if os.path.isdir(p):
             shutil.rmtree(p, ignore_errors=True)
         elif os.path.exists(p):

@@ -92,14 +92,16 @@ class DatasetTable:
         self.rows: list[tuple[str, str]] = []  # (model, head label)
         self.columns: list[str] = []
         self.values: dict[tuple, list[float]] = {}
+        self.records: dict[tuple, list[dict]] = {}
         self.expected: dict[tuple, int] = {}  # seeds the suite asks for
 
-    def add(self, row, column, value):
+    def add(self, row, column, record):
         if row not in self.rows:
             self.rows.append(row)
         if column not in self.columns:
             self.columns.append(column)
-        self.values.setdefault((row, column), []).append(value)
+        self.values.setdefault((row, column), []).append(record["metrics"]["eval_top1"])
+        self.records.setdefault((row, column), []).append(record)
 
     def stats(self, row, column) -> tuple[float, float, int] | None:
         return percent_stats(self.values.get((row, column)))
@@ -113,6 +115,34 @@ class DatasetTable:
             return "-"
         text = f"{s[0]:.2f} ± {s[1]:.2f}" if s[2] > 1 else f"{s[0]:.2f}"
         return text + ("†" if s[2] < self.expected.get((row, column), 0) else "")
+
+    def differences(self) -> str:
+        """Each row's paired difference to the first row (the suite's first model and head) per training set."""
+        from mimprobe.errors import UserError
+        from mimprobe.report.compare import pair_records
+        from mimprobe.report.stats import PAIRED_METHOD
+
+        base = self.rows[0]
+        header = ["model · head", "train", "top-1 (%)", "Δ top-1 (pt)", "95 % CI (pt)", "McNemar p", "seeds", "holds"]
+        lines = [f"Difference to baseline {' · '.join(base)}:", "", "| " + " | ".join(header) + " |",
+                 "|" + "|".join("---" for _ in header) + "|"]
+        skipped = []
+        for row in self.rows[1:]:
+            for col in self.columns:
+                a, b = self.records.get((row, col)), self.records.get((base, col))
+                if not a or not b:
+                    continue
+                try:
+                    seeds, r = pair_records(a, b, " · ".join(row), " · ".join(base))
+                except UserError as e:
+                    skipped.append(f"{' · '.join(row)} {col}: {str(e).split(': ', 1)[-1]}")
+                    continue
+                lines.append("| " + " | ".join([" · ".join(row), col, f"{self.stats(row, col)[0]:.2f}",
+                             f"{100 * r.diff:+.2f}", f"[{100 * r.low:+.2f}, {100 * r.high:+.2f}]", f"{r.p:.3g}",
+                             str(len(seeds)), "yes" if r.holds else "no"]) + " |")
+        lines += ["", f"{PAIRED_METHOD}."]
+        lines += [f"not compared: {s}" for s in skipped]
+        return "\n".join(lines)
 
     def markdown(self) -> str:
         header = ["model", "head"] + self.columns
@@ -138,13 +168,19 @@ def dataset_tables(plan: SuitePlan, records: list[dict]) -> list[DatasetTable]:
         t = tables[c.dataset.name]
         shared = len(evals_of.get((c.dataset.name, base_head(r)), ())) > 1
         row = (c.model.name, f"{r['head']} [{c.evaluation.name}]" if shared else r["head"])
-        t.add(row, c.trainset.label, r["metrics"]["eval_top1"])
+        t.add(row, c.trainset.label, r)
         t.expected[(row, c.trainset.label)] = len(c.evaluation.seeds)
     return [t for t in tables.values() if t.rows]
 
 
 def plot_dataset(t: DatasetTable, path: str) -> str:
-    from mimprobe.plotting import grouped_bars, new_figure, save_figure
+    from mimprobe.plotting import save_figure
+
+    return save_figure(dataset_figure(t), path)
+
+
+def dataset_figure(t: DatasetTable):
+    from mimprobe.plotting import grouped_bars, new_figure
 
     n_rows, n_cols = len(t.rows), len(t.columns)
     fig = new_figure(figsize=(max(5.0, 0.35 * n_rows * n_cols + 2.5), 4.2))
@@ -155,7 +191,7 @@ def plot_dataset(t: DatasetTable, path: str) -> str:
     ax.set_title(f"{t.dataset}: eval top-1, mean ± std over seeds")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
-    return save_figure(fig, path)
+    return fig
 
 
 def markdown(plan: SuitePlan, records: list[dict], tables: list[DatasetTable]) -> str:
@@ -168,6 +204,8 @@ def markdown(plan: SuitePlan, records: list[dict], tables: list[DatasetTable]) -
                "† = not every seed done.", ""]
     for t in tables:
         lines += [f"## {t.dataset}", "", t.markdown(), ""]
+        if len(t.rows) > 1:
+            lines += [t.differences(), ""]
     lines += ["## Protocols", "", "Every row of the tables above with its protocol (`mimprobe report`):", "",
               render(build_table(_relabelled(plan, records)), "md"), ""]
     return "\n".join(lines)
@@ -190,15 +228,25 @@ def _safe(name: str) -> str:
 
 
 def write_report(plan: SuitePlan, records: list[dict], out_dir: str) -> list[str]:
-    """report.md, one PNG per dataset, cells.csv; returns the paths written."""
+    """report.md, one PNG per dataset, cells.csv, report.html; returns the paths written."""
+    from mimprobe.report.html import Page, add_results, markdown_to_html
+
     os.makedirs(out_dir, exist_ok=True)
+    records = [dict(r, _results_file=plan.suite.results) for r in records]  # predictions resolve from there
     tables = dataset_tables(plan, records)
     paths = []
     md = os.path.join(out_dir, "report.md")
+    text = markdown(plan, records, tables)
     with open(md, "w", encoding="utf-8") as f:
-        f.write(markdown(plan, records, tables))
+        f.write(text)
     paths.append(md)
     for t in tables:
         paths.append(plot_dataset(t, os.path.join(out_dir, f"{_safe(t.dataset)}.png")))
     paths.append(write_csv(csv_rows(plan, records), os.path.join(out_dir, "cells.csv")))
+    page = Page(f"suite {plan.suite.name}")
+    page.add(markdown_to_html(text.split("\n", 1)[1]))
+    for t in tables:
+        page.figure(dataset_figure(t), f"{t.dataset}: eval top-1")
+    add_results(page, _relabelled(plan, records))
+    paths.append(page.write(os.path.join(out_dir, "report.html")))
     return paths

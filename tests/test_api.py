@@ -94,7 +94,9 @@ def test_probe_results_and_load_results(store, tmp_path, monkeypatch):
                           device="cpu")
     assert [r["head"] for r in recs] == ["linear-cls", "knn-mean"] and "linear-cls" in recs.table()
     again = mimprobe.load_results(out)
-    assert json.loads(json.dumps(list(recs))) == list(again)
+    # as written, plus where each was read from (report resolves its predictions file from there)
+    assert json.loads(json.dumps(list(recs))) == [{k: v for k, v in r.items() if k != "_results_file"} for r in again]
+    assert {r["_results_file"] for r in again} == {str(out)}
     assert len(mimprobe.load_results([out, out])) == 4
     pytest.importorskip("pandas")
     df = again.to_pandas()

@@ -441,6 +441,25 @@ def is_valid_spec(spec: str) -> bool:
         return False
 
 
+def extractable(spec: str, num_prefix: int = 0) -> Codec:
+    """The codec of ``spec`` if ``extract`` can write it directly (it needs no fit on tokens), else one line."""
+    codec = make_codec(spec, num_prefix=num_prefix)
+    if codec.needs_data:
+        raise UserError(f"--codec {spec} is fitted on tokens: extract with --codec float16, then `mimprobe compress "
+                        f"SRC DST --codec {spec}` (and --codebook-from TRAIN_STORE for the eval store)")
+    return codec
+
+
+def seeded_params(spec: str, *, num_prefix: int, dim: int, seed: int) -> dict[str, np.ndarray] | None:
+    """The parameters of a codec that needs no data (``int4r``'s rotation) from ``seed``; None for codecs without
+    parameters. Codecs fitted on data are refused (one line): they are made by ``mimprobe compress``."""
+    codec = extractable(spec, num_prefix)
+    if not codec.param_names:
+        return None
+    codec.fit(None, dim, seed)
+    return codec.params
+
+
 def reconstruction_error(codec: Codec, x: torch.Tensor) -> dict:
     """Per-token error of coding ``x`` (B, T, D): relative L2 ``|x̂ - x| / |x|`` and cosine, mean / median /
     worst, over every token, the prefix tokens and the patch tokens separately."""

@@ -23,7 +23,8 @@ def extract(
     pretrained: bool = typer.Option(True, help="hub weights for MODEL (ignored with --checkpoint)"),
     img_size: Optional[int] = typer.Option(None, help="create the model for this input size"),
     crop_pct: Optional[float] = typer.Option(None, help="override the model's eval crop_pct"),
-    dtype: str = typer.Option("float16", help="float16 | bfloat16 | float32 | int8"),
+    dtype: str = typer.Option("float16", "--codec", "--dtype", help="float16 | bfloat16 | float32 | int8 | int4 | "
+                              "int4r[+prefix] (pq:M / pca:K: extract float16, then `mimprobe compress`)"),
     format: Optional[str] = typer.Option(None, "--format", help="zarr | hdf5 (default: from the suffix)"),
     batch_size: int = typer.Option(64, help="images per forward pass"),
     workers: Optional[int] = typer.Option(None, help="DataLoader decode workers (default: min(8, cores))"),

@@ -229,3 +229,24 @@ def test_info_shows_codec_size_and_error(tmp_path, cli):
     assert f"{per_row / t:.1f} ({per_row / (2 * t * d):.4f}x of float16)" in lines["bytes / token"]
     assert "int4r+prefix" in lines["codec"] and "relative L2" in lines["coding error"]
     assert os.path.isdir(dst / "codec" / "rotation")
+
+
+@pytest.mark.parametrize("spec", ["int4+prefix", "pq:8"])
+def test_streamed_and_in_memory_readers_decode_like_read_tokens(tmp_path, spec):
+    pytest.importorskip("faiss")
+    from mimprobe.cache_store.reader import ChunkShuffleReader
+    from mimprobe.probe.feed import Feeder
+
+    raw = synthetic_store(tmp_path / "raw.zarr", vit_like(n=50, d=32), np.arange(50) % 2, chunk_rows=16)
+    dst = str(tmp_path / "c.zarr")
+    compress(raw, dst, spec, chunk_rows=8, quiet=True)
+    with TokenStore.open(dst) as s:
+        want = s.read_tokens(0, s.num_samples)
+        rows = np.arange(s.num_samples)
+        got = torch.zeros_like(want)
+        for b in ChunkShuffleReader(dst, rows, 7, shuffle=True, seed=0):
+            got[b.rows] = b.decode(s.codec)[:, 0]
+        assert torch.equal(got, want)
+        f = Feeder(s, rows, 16, device=torch.device("cpu"), arrays=["tokens"], shuffle=False, seed=0, in_memory=True)
+        mem = torch.cat([b.decode(f.codec)[:, 0] for b in f.reader])
+        assert torch.equal(mem, want)

@@ -168,6 +168,13 @@ class Codec:
         prefix = scales[..., n_core:].reshape(*lead, self.num_prefix, -1).float()
         return torch.cat([prefix, self._decode(values, side_core)], dim=-2)
 
+    def roundtrip(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (..., T, D) coded and decoded as a store would hold it: float32 (..., T, D)."""
+        flat = x.reshape(-1, *x.shape[-2:])
+        enc = self.encode(flat)
+        side = torch.from_numpy(enc["scales"]) if "scales" in enc else None
+        return self.decode(self.to_torch(enc["values"]), side).reshape(x.shape)
+
     def _side_width_from(self, values: torch.Tensor) -> int:
         w = self._side_width(self._dim_from(values.shape[-1]))
         return w or 0
@@ -463,9 +470,7 @@ def seeded_params(spec: str, *, num_prefix: int, dim: int, seed: int) -> dict[st
 def reconstruction_error(codec: Codec, x: torch.Tensor) -> dict:
     """Per-token error of coding ``x`` (B, T, D): relative L2 ``|x̂ - x| / |x|`` and cosine, mean / median /
     worst, over every token, the prefix tokens and the patch tokens separately."""
-    enc = codec.encode(x)
-    side = torch.from_numpy(enc["scales"]) if "scales" in enc else None
-    xh = codec.decode(codec.to_torch(enc["values"]), side)
+    xh = codec.roundtrip(x)
     x = x.float()
     rel = (torch.linalg.vector_norm(xh - x, dim=-1) / torch.linalg.vector_norm(x, dim=-1).clamp_min(1e-12))
     cos = torch.nn.functional.cosine_similarity(xh, x, dim=-1)

@@ -186,6 +186,8 @@ def prepare(opts, train: TokenStore, arrays: list[str], blocks: list[int], rows:
     got = online.forward(torch.stack([it["x"] for it in items])).cpu()
     stored = read_rows(train, check, arrays)
     want = stored.decode(train.codec)
+    if train.codec.lossy:  # compare like with like: the recomputed tokens coded as the store codes them
+        got = train.codec.roundtrip(got)
     err = float(((got - want).flatten(1).norm(dim=1) / want.flatten(1).norm(dim=1).clamp_min(1e-12)).max())
     online.token_check = {"rows": [int(r) for r in check], "max_rel_l2_error": err, "tolerance": TOKEN_TOLERANCE}
     if not err <= TOKEN_TOLERANCE:

@@ -193,28 +193,24 @@ class Codec:
 @register
 class Float16(Codec):
     kind = "float16"
+    torch_dtype = torch.float16
 
     def _encode(self, x):
-        return x.to(torch.float16).cpu().numpy(), None
+        return x.to(self.torch_dtype).cpu().numpy(), None
 
     def _decode(self, values, side):
         return values.float()
 
 
 @register
-class Float32(Codec):
+class Float32(Float16):
     kind = "float32"
     storage_dtype = np.dtype("f4")
-
-    def _encode(self, x):
-        return x.to(torch.float32).cpu().numpy(), None
-
-    def _decode(self, values, side):
-        return values.float()
+    torch_dtype = torch.float32
 
 
 @register
-class BFloat16(Codec):
+class BFloat16(Float16):
     """bfloat16 has no zarr/HDF5 dtype: its bits are stored as uint16 and the spec says what they are."""
 
     kind = "bfloat16"
@@ -225,9 +221,6 @@ class BFloat16(Codec):
 
     def to_torch(self, values):
         return torch.from_numpy(np.ascontiguousarray(values)).view(torch.int16).view(torch.bfloat16)
-
-    def _decode(self, values, side):
-        return values.float()
 
 
 # --- grouped-scale integer codecs ----------------------------------------------------------------------
@@ -321,29 +314,41 @@ class Int4Rotated(Int4):
 
 
 # --- learned codecs (faiss / numpy) --------------------------------------------------------------------
+class FittedCodec(Codec):
+    """A codec fitted on a sample of tokens whose values are ``arg`` numbers per token (``pq:M``, ``pca:K``)."""
+
+    lossy = True
+    takes_arg = True
+    needs_data = True
+
+    def _values_width(self, dim):
+        return self.arg
+
+    def arg_problem(self, dim: int) -> str | None:
+        raise NotImplementedError
+
+    def check_shape(self, num_tokens, dim, what="the store"):
+        super().check_shape(num_tokens, dim, what)
+        problem = self.arg_problem(dim)
+        if problem:
+            raise UserError(f"--codec {self.spec}: {problem} (the width of {what})")
+
+
 @register
-class ProductQuantizer(Codec):
+class ProductQuantizer(FittedCodec):
     """``pq:M``: each token split into M sub-vectors of D/M channels, each replaced by the index of its nearest of
     256 centroids (one byte). Centroids trained with faiss's ``ProductQuantizer`` (k-means, seeded) on a sample
     and stored; decoding gathers centroids on the device."""
 
     kind = "pq"
-    lossy = True
-    takes_arg = True
     storage_dtype = np.dtype("u1")
     param_names = ("centroids",)
-    needs_data = True
 
     def describe(self) -> str:
         return f"product quantization, {self.arg} sub-quantizers x 256 centroids (8 bits), trained with faiss"
 
-    def _values_width(self, dim):
-        return self.arg
-
-    def check_shape(self, num_tokens, dim, what="the store"):
-        super().check_shape(num_tokens, dim, what)
-        if self.arg < 1 or dim % self.arg:
-            raise UserError(f"--codec {self.spec}: M must divide the width D = {dim} of {what}")
+    def arg_problem(self, dim):
+        return f"M must divide D = {dim}" if self.arg < 1 or dim % self.arg else None
 
     def _faiss_pq(self, dim):
         faiss = faiss_module(self.spec)
@@ -373,26 +378,18 @@ class ProductQuantizer(Codec):
 
 
 @register
-class PCA(Codec):
+class PCA(FittedCodec):
     """``pca:K``: float16 coordinates of ``x - mean`` on the top-K right singular vectors of a centred sample
     (numpy's SVD); mean and basis stored. Decoding is one matmul."""
 
     kind = "pca"
-    lossy = True
-    takes_arg = True
     param_names = ("mean", "basis")
-    needs_data = True
 
     def describe(self) -> str:
         return f"projection on the top {self.arg} principal directions of a sample, float16"
 
-    def _values_width(self, dim):
-        return self.arg
-
-    def check_shape(self, num_tokens, dim, what="the store"):
-        super().check_shape(num_tokens, dim, what)
-        if not 1 <= self.arg <= dim:
-            raise UserError(f"--codec {self.spec}: K must be 1..{dim} (the width of {what})")
+    def arg_problem(self, dim):
+        return None if 1 <= self.arg <= dim else f"K must be 1..{dim}"
 
     def fit(self, sample, dim, seed):
         x = sample.double().numpy()

@@ -417,12 +417,12 @@ def faiss_module(spec: str):
 _SPEC = re.compile(r"^(?P<kind>[a-z0-9]+)(?::(?P<arg>\d+))?(?P<prefix>\+prefix)?$")
 
 
-def parse_spec(spec: str) -> tuple[type[Codec], int | None, bool]:
-    """``kind[:N][+prefix]`` → (class, N, keep_prefix); one clear error for anything else."""
+def parse_spec(spec: str, option: str = "--codec") -> tuple[type[Codec], int | None, bool]:
+    """``kind[:N][+prefix]`` → (class, N, keep_prefix); one clear error (naming ``option``) for anything else."""
     m = _SPEC.match(str(spec).strip())
     cls = CODECS.get(m["kind"]) if m else None
     if cls is None or (m["arg"] is None) == cls.takes_arg or (m["prefix"] and not cls.lossy):
-        raise UserError(f"codec {spec!r}: choose one of {', '.join(CODEC_SPECS)} (lossy ones may end in "
+        raise UserError(f"{option} {spec!r}: choose one of {', '.join(CODEC_SPECS)} (lossy ones may end in "
                         f"{PREFIX_SUFFIX} to keep the prefix tokens in float16)")
     return cls, (int(m["arg"]) if m["arg"] else None), bool(m["prefix"])
 
@@ -445,9 +445,10 @@ def is_valid_spec(spec: str) -> bool:
         return False
 
 
-def extractable(spec: str, num_prefix: int = 0) -> Codec:
+def extractable(spec: str, num_prefix: int = 0, option: str = "--codec") -> Codec:
     """The codec of ``spec`` if ``extract`` can write it directly (it needs no fit on tokens), else one line."""
-    codec = make_codec(spec, num_prefix=num_prefix)
+    cls, arg, keep = parse_spec(spec, option)
+    codec = cls(arg, keep_prefix=keep, num_prefix=num_prefix)
     if codec.needs_data:
         raise UserError(f"--codec {spec} is fitted on tokens: extract with --codec float16, then `mimprobe compress "
                         f"SRC DST --codec {spec}` (and --codebook-from TRAIN_STORE for the eval store)")

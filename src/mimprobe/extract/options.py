@@ -72,7 +72,7 @@ class ExtractResult:
 
 def validate(opts: ExtractOptions) -> None:
     if opts.dtype not in DTYPES:
-        extractable(opts.dtype)  # one line naming every codec when it is none, or saying how to make this one
+        extractable(opts.dtype, option="--codec/--dtype")  # one line naming every codec, or how to make this one
     if opts.batch_size <= 0:
         raise UserError("--batch-size must be positive")
     if opts.views < 0:

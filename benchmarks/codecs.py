@@ -36,10 +36,10 @@ from mimprobe.probe.feed import Feeder
 
 NAME = "codecs"
 HEADS = "linear-cls,linear-mean,knn-mean,abmilp"
-CODECS = ["int8", "int4", "int4r", "int4r+prefix", "pca:48", "pq:96", "pq:48", "pq:48+prefix", "pq:24"]
+CODECS = ["int8", "int4", "int4r", "int4r+prefix", "pca:48", "pq:96", "pq:48", "pq:48+prefix", "pq:24", "pq:24+prefix"]
 # the codecs probed (every codec is compressed, sized and its error measured; probing costs minutes per codec on
 # a 2-core machine, so the ones the targets need: int8 for reference, the 0.25x and 0.125x candidates)
-PROBED = {"mae": ["int8", "int4r", "int4r+prefix", "pq:96", "pq:48", "pq:48+prefix"],
+PROBED = {"mae": ["int8", "int4r", "int4r+prefix", "pq:96", "pq:48", "pq:48+prefix", "pq:24+prefix"],
           "random": ["int4r+prefix", "pq:48+prefix"]}
 
 
@@ -145,6 +145,11 @@ def main() -> None:
               "protocol": "mimprobe probe defaults (L-BFGS linear heads, kNN, AdamW abmilp); heads selected on "
                           "validation rows split from the train store; eval = CIFAR-10 test split",
               "models": {}}
+    if args.reuse and os.path.exists(out_json):  # add to an earlier run's results (same heads and seeds)
+        with open(out_json) as f:
+            earlier = json.load(f)
+        if earlier.get("seeds") == args.seeds:
+            result["models"] = earlier.get("models", {})
     for model in args.models.split(","):
         tr16, te16 = os.path.join(work, f"{model}_train.zarr"), os.path.join(work, f"{model}_test.zarr")
         if not (TokenStore.exists(tr16) and TokenStore.exists(te16)):
@@ -155,7 +160,8 @@ def main() -> None:
         with TokenStore.open(te16) as s:
             rows["eval"] = s.num_samples
         base = probe(tr16, te16, args.seeds, os.path.join(work, f"{model}_float16.jsonl"), args.reuse)
-        entry = {"stores": rows, "float16": {"top1": base, **store_facts(tr16)}, "codecs": {}}
+        old = result["models"].get(model, {}).get("codecs", {}) if args.reuse else {}
+        entry = {"stores": rows, "float16": {"top1": base, **store_facts(tr16)}, "codecs": old}
         codecs = args.codecs.split(",") if args.codecs else CODECS
         probed = args.probed.split(",") if args.probed else PROBED.get(model, [])
         for spec in codecs:

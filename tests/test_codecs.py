@@ -250,3 +250,24 @@ def test_streamed_and_in_memory_readers_decode_like_read_tokens(tmp_path, spec):
         f = Feeder(s, rows, 16, device=torch.device("cpu"), arrays=["tokens"], shuffle=False, seed=0, in_memory=True)
         mem = torch.cat([b.decode(f.codec)[:, 0] for b in f.reader])
         assert torch.equal(mem, want)
+
+
+def test_extract_codec_writes_what_compress_makes_of_a_float32_extraction(image_folder, tiny_ckpt, tmp_path, cli):
+    """`extract --codec int4r+prefix` (rotation from --seed) holds exactly the codes `compress` writes from the
+    float32 tokens of the same extraction; `extract --repair` of it rewrites a damaged chunk bitwise."""
+    from conftest import TINY
+
+    base = [TINY, image_folder, "--checkpoint", tiny_ckpt, "--img-size", "32", "--workers", "0", "--quiet",
+            "--chunk-rows", "8"]
+    f32, coded, made = tmp_path / "f32.zarr", tmp_path / "x.zarr", tmp_path / "c.zarr"
+    assert cli("extract", *base[:2], f32, *base[2:], "--codec", "float32")[0] == 0
+    assert cli("extract", *base[:2], coded, *base[2:], "--codec", "int4r+prefix")[0] == 0
+    assert cli("compress", f32, made, "--codec", "int4r+prefix", "--chunk-rows", "8", "--quiet")[0] == 0
+    a, b = store_arrays(coded), store_arrays(made)
+    for k in ("tokens", "scales", "codec/rotation", "labels", "valid"):
+        assert np.array_equal(a[k], b[k]), k
+    flip(chunk_file(str(coded), "tokens", 1), offset=5)
+    assert cli("verify", coded, "--quiet")[0] == 1
+    code, _, err = cli("extract", *base[:2], coded, *base[2:], "--codec", "int4r+prefix", "--repair")
+    assert code == 0, err
+    assert np.array_equal(store_arrays(coded)["tokens"], a["tokens"])

@@ -212,6 +212,8 @@ def test_verify_finds_a_flipped_byte_in_the_codebook_and_in_a_code_chunk_and_rep
     code, out, err = cli("compress", raw, dst, "--codec", "pq:8+prefix", "--chunk-rows", "16", "--repair", "--quiet")
     assert code == 0 and "repaired" in out, err
     assert cli("verify", dst, "--quiet")[0] == 0
+    code, out, _ = cli("compress", raw, dst, "--codec", "pq:8+prefix", "--chunk-rows", "16", "--repair", "--quiet")
+    assert code == 0 and "intact, codec pq:8+prefix, 0 of 3 chunks" in out
     after = store_arrays(dst)
     for k in before:
         assert np.array_equal(before[k], after[k]), k

@@ -46,7 +46,7 @@ class CompressResult:
     seconds: float
     size: int
     source_size: int
-    status: str  # "created", "resumed", "complete", "repaired"
+    status: str  # "created", "resumed", "complete", "repaired", "intact" (--repair found nothing)
 
     def summary(self) -> str:
         ratio = self.size / max(1, self.source_size)
@@ -113,10 +113,10 @@ def compress(src_path: str, dst_path: str, spec: str, *, codebook_from: str | No
             size = dst.size_on_disk()
         finally:
             dst.close()
-        if status == "complete" and written:
-            status = "repaired"
+        if status == "resumed" and not written:
+            status = "complete"
         return CompressResult(dst_path, dst.codec.spec, written, dst.num_chunks, time.perf_counter() - t0, size,
-                              src.size_on_disk(), status if written or status != "resumed" else "complete")
+                              src.size_on_disk(), status)
     finally:
         src.close()
 
@@ -129,7 +129,8 @@ def _source_identity(src: TokenStore) -> dict:
 def _open_or_create(src, dst_path, spec, codebook_from, seed, chunk_rows, fmt, overwrite, repair):
     if TokenStore.exists(dst_path, fmt) and not overwrite:
         if repair:
-            return "complete", _repair(src, dst_path, spec, codebook_from, seed, fmt)
+            dst, fixed = _repair(src, dst_path, spec, codebook_from, seed, fmt)
+            return ("repaired" if fixed else "intact"), dst
         dst = TokenStore.open(dst_path, "r+", fmt)
         want = make_codec(spec, num_prefix=src.num_prefix_tokens).spec
         diffs = identity_diff(src.attrs, dst.attrs, tuple(k for k in IDENTITY_KEYS if k not in ("dtype", "chunk_rows")))
@@ -188,7 +189,7 @@ def _code_chunks(src: TokenStore, dst: TokenStore, quiet: bool) -> int:
     return written
 
 
-def _repair(src, dst_path, spec, codebook_from, seed, fmt) -> TokenStore:
+def _repair(src, dst_path, spec, codebook_from, seed, fmt) -> tuple[TokenStore, bool]:
     """Verify the compressed store; rewrite damaged index arrays and codec parameters (when refitting, or
     ``codebook_from``, gives the recorded checksum back); un-flag damaged chunks (re-coded by the caller)."""
     from mimprobe.cache_store.verify import verify_store
@@ -226,4 +227,4 @@ def _repair(src, dst_path, spec, codebook_from, seed, fmt) -> TokenStore:
     b.clean_partial()
     for name in ("labels", "sample_ids", "codec"):
         dst.__dict__.pop(name, None)
-    return dst
+    return dst, bool(report.index_damage() or redo)

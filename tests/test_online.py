@@ -172,3 +172,17 @@ def test_moved_checkpoint_is_refused(data, tmp_path):
     os.remove(ckpt)
     with pytest.raises(UserError, match="no longer there"):
         make_plan(train, test, _opts(online=folder))
+
+
+def test_online_run_from_a_coded_store_checks_tokens_through_its_codec(data, tmp_path):
+    """A store coded with int4r (relative error ~0.1) still passes the token check: the recomputed tokens are coded
+    the same way before they are compared."""
+    from mimprobe.cache_store.compress import compress
+
+    folder, train, test = data
+    coded = str(tmp_path / "train_int4r.zarr")
+    compress(train, coded, "int4r", quiet=True)
+    coded_test = str(tmp_path / "test_int4r.zarr")
+    compress(test, coded_test, "int4r", codebook_from=coded, quiet=True)
+    (rec,) = run_probe(coded, coded_test, _opts(heads=["linear-mean"], online=folder, online_augment=False))
+    assert rec["protocol"]["online"]["token_check"]["max_rel_l2_error"] < 0.01

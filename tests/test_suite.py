@@ -380,3 +380,16 @@ def test_under_torchrun_every_step_is_distributed_and_knn_is_left_for_one_proces
     recs = _records(tmp_path / "suite-out" / "results.jsonl")
     assert [(x["head"], x["world_size"]) for x in recs] == [("linear-mean", 2), ("knn-mean", 1)]
     assert len({x["suite_cell"] for x in recs}) == 1
+
+
+def test_a_model_takes_a_codec_and_a_fitted_one_is_refused_in_one_line(tmp_path, cli):
+    suite = _copy_example(tmp_path)
+    text = suite.read_text()
+    suite.write_text(text.replace('dtype = "int8"', 'codec = "int4r+prefix"', 1))
+    code, out, err = cli("suite", suite, "--dry-run")
+    assert code == 0, err
+    assert "vit-small-int8  glyphs     train  96  17  384  int4r+prefix" in out
+    suite.write_text(text.replace('dtype = "int8"', 'codec = "pq:8"', 1))
+    code, _, err = cli("suite", suite, "--dry-run")
+    (line,) = err.strip().splitlines()
+    assert code == 2 and "codec 'pq:8'" in line and "mimprobe compress" in line

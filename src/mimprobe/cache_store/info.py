@@ -38,6 +38,7 @@ def describe(store: TokenStore) -> list[tuple[str, str]]:
                        + (f" ({m['family']} family)" if m.get("family") else "")),
         ("dim (D)", str(store.dim)),
         ("dtype", a["dtype"] + (f" ({a['quantization']['scheme']})" if a.get("quantization") else "")),
+        *codec_rows(store),
         ("blocks", ", ".join(str(k) for k in store.layers) + " (tokens = last block, before the final norm)"),
         ("final norm", (f"{m['final_norm']['kind']} from model.{m['final_norm']['module']} (stored; --final-norm)"
                         + (", which the model applies to the pooled vector"
@@ -51,6 +52,22 @@ def describe(store: TokenStore) -> list[tuple[str, str]]:
         ("skipped", str(len(a.get("skipped", [])))),
         ("size on disk", human_bytes(store.size_on_disk())),
     ]
+    return rows
+
+
+def codec_rows(store: TokenStore) -> list[tuple[str, str]]:
+    """Codec, bytes per token, size against float16 and the recorded reconstruction error."""
+    codec, t, d = store.codec, store.num_tokens, store.dim
+    per_row = codec.bytes_per_row(t, d)
+    rows = [("codec", f"{codec.spec}: {codec.describe()}"
+             + (f"; prefix tokens ({codec.num_prefix}) kept in float16" if codec.keep_prefix else "")
+             + (f"; parameters {codec.fingerprint}" if codec.fingerprint else "")),
+            ("bytes / token", f"{per_row / t:.1f} ({per_row / (2 * t * d):.4f}x of float16)")]
+    err = (store.attrs.get("codec") or {}).get("error")
+    if err:
+        rows.append(("coding error", f"relative L2 per token mean {err['rel_l2_mean']:.4f} (median "
+                     f"{err['rel_l2_median']:.4f}, max {err['rel_l2_max']:.4f}), cosine mean {err['cosine_mean']:.5f}"
+                     f" (min {err['cosine_min']:.4f}); {err['tokens']} tokens of {err['rows']} rows, seed {err['seed']}"))
     return rows
 
 

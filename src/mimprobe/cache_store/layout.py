@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mimprobe.cache_store import quant
+from mimprobe.cache_store.codecs import PARAMS_GROUP, make_codec
 from mimprobe.cache_store.integrity import ALGORITHM, crc, strings_crc
-from mimprobe.cache_store.schema import INDEX_CHUNK_ROWS, SCHEMA_VERSION, TokenCodec, chunk_rows_for, scales_name
+from mimprobe.cache_store.schema import INDEX_CHUNK_ROWS, SCHEMA_VERSION, chunk_rows_for, scales_name
 from mimprobe.errors import UserError
 
 
@@ -38,12 +38,19 @@ class Layout:
     labels: np.ndarray
     sample_ids: list[str]
     final_norm: dict[str, np.ndarray]
+    codec_params: dict[str, np.ndarray]  # ``codec/<name>`` → float32 array
 
 
 def plan_layout(*, attrs: dict, num_tokens: int, dim: int, labels, sample_ids: list[str], dtype: str = "float16",
                 chunk_rows: int | None = None, blocks: tuple[int, ...] = (), views: int = 0,
-                final_norm: dict | None = None, checksums: bool = True, path: str = "") -> Layout:
-    codec = TokenCodec(dtype)
+                final_norm: dict | None = None, checksums: bool = True, path: str = "",
+                codec_params: dict | None = None) -> Layout:
+    """``dtype``: the codec's spec (:mod:`.codecs`); ``codec_params``: its fitted parameters, if it has any."""
+    codec = make_codec(dtype, num_prefix=int((attrs.get("model") or {}).get("num_prefix_tokens", 0)),
+                       params=codec_params)
+    codec.check_shape(num_tokens, dim, path or "the store")
+    if codec.param_names and sorted(codec.params) != sorted(codec.param_names):
+        raise ValueError(f"codec {dtype}: parameters {sorted(codec.params)}, expected {list(codec.param_names)}")
     labels = np.asarray(labels, dtype=np.int64)
     n = len(labels)
     if n == 0:
@@ -55,12 +62,12 @@ def plan_layout(*, attrs: dict, num_tokens: int, dim: int, labels, sample_ids: l
     token_arrays = ["tokens"] + [f"blocks/{k}" for k in blocks] + [f"views/{v}" for v in range(views)]
     specs, columns = [], []
     for name in token_arrays:
-        specs.append(ArraySpec(name, (n, num_tokens, dim), codec.storage_dtype, (chunk_rows, num_tokens, dim)))
+        row = codec.values_row_shape(num_tokens, dim)
+        specs.append(ArraySpec(name, (n, *row), codec.storage_dtype, (chunk_rows, *row)))
         columns.append(name)
-        if codec.quantized:
-            g = quant.num_groups(dim)
-            specs.append(ArraySpec(scales_name(name), (n, num_tokens, g), np.dtype(np.float16),
-                                   (chunk_rows, num_tokens, g)))
+        side = codec.side_width(num_tokens, dim)
+        if side is not None:
+            specs.append(ArraySpec(scales_name(name), (n, *side), np.dtype(np.float16), (chunk_rows, *side)))
             columns.append(scales_name(name))
     columns.append("valid")
     specs += [ArraySpec("labels", (n,), np.dtype(np.int64), (min(n, INDEX_CHUNK_ROWS),)),
@@ -76,6 +83,9 @@ def plan_layout(*, attrs: dict, num_tokens: int, dim: int, labels, sample_ids: l
                 v = np.asarray(final_norm[key], dtype=np.float32)
                 norm[f"final_norm/{key}"] = v
                 specs.append(ArraySpec(f"final_norm/{key}", v.shape, np.dtype(np.float32), v.shape))
+    params = {PARAMS_GROUP + k: v for k, v in codec.params.items()}
+    for name, v in params.items():
+        specs.append(ArraySpec(name, v.shape, np.dtype(np.float32), v.shape))
     full = dict(attrs)
     full.update(
         schema_version=SCHEMA_VERSION,
@@ -90,13 +100,20 @@ def plan_layout(*, attrs: dict, num_tokens: int, dim: int, labels, sample_ids: l
         complete=False,
         skipped=[],
     )
-    if codec.quantized:
-        full["quantization"] = {"scheme": f"symmetric int8, one float16 absmax scale per {quant.GROUP} channels "
-                                          "per token", "group": quant.GROUP}
+    if codec.kind == "int8":
+        full["quantization"] = {"scheme": codec.describe(), "group": 32}
+    if codec.kind not in ("float16", "bfloat16", "float32", "int8"):  # stores of those keep their old attributes
+        fp16 = 2 * num_tokens * dim
+        full["codec"] = {"spec": codec.spec, "scheme": codec.describe(), "bytes_per_token":
+                         round(codec.bytes_per_row(num_tokens, dim) / num_tokens, 3),
+                         "size_vs_float16": round(codec.bytes_per_row(num_tokens, dim) / fp16, 4),
+                         "exact_prefix_tokens": codec.num_prefix, "parameters": sorted(params),
+                         "fingerprint": codec.fingerprint, **full.get("codec", {})}
     if checksums:
         full["checksums"] = {"algorithm": ALGORITHM, "arrays": columns,
                              "of": "each array's rows of the chunk as stored (little-endian, C order)"}
         index = {"labels": crc(labels), "sample_ids": strings_crc(sample_ids)}
         index.update({k: crc(v) for k, v in norm.items()})
+        index.update({k: crc(v) for k, v in params.items()})
         full["index_checksums"] = {"algorithm": ALGORITHM, **index}
-    return Layout(specs, full, labels, list(sample_ids), norm)
+    return Layout(specs, full, labels, list(sample_ids), norm, params)

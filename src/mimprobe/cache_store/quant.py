@@ -21,8 +21,9 @@ def num_groups(dim: int, group: int = GROUP) -> int:
     return -(-dim // group)
 
 
-def quantize(x: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x`` (..., D) float → (int8 values (..., D), float16 scales (..., ceil(D/group)))."""
+def quantize(x: torch.Tensor, group: int = GROUP, qmax: float = QMAX) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` (..., D) float → (int8 values in ``[-qmax, qmax]`` (..., D), float16 scales (..., ceil(D/group))).
+    ``qmax`` 127 is int8; 7 is int4 (the same bound with a step of ``amax_g / 7``)."""
     *lead, dim = x.shape
     g = num_groups(dim, group)
     pad = g * group - dim
@@ -30,10 +31,10 @@ def quantize(x: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.T
     if pad:
         xf = torch.nn.functional.pad(xf, (0, pad))
     xg = xf.reshape(*lead, g, group)
-    scale = (xg.abs().amax(dim=-1) / QMAX).to(torch.float16)
+    scale = (xg.abs().amax(dim=-1) / qmax).to(torch.float16)
     # quantize with the scale as it will be stored, so rounding of the scale is part of the error bound
     s = scale.float().clamp_min(torch.finfo(torch.float16).tiny).unsqueeze(-1)
-    q = torch.round(xg / s).clamp_(-QMAX, QMAX).to(torch.int8)
+    q = torch.round(xg / s).clamp_(-qmax, qmax).to(torch.int8)
     q = q.reshape(*lead, g * group)[..., :dim]
     return q, scale
 

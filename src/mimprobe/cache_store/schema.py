@@ -6,7 +6,9 @@ A store holds, for N samples (rows, in a seeded random permutation of the datase
 name                   shape            meaning
 =====================  ===============  ===========================================================
 ``tokens``             (N, T, D)        last block, all prefix + patch tokens, before the final norm
-``scales``             (N, T, D/32)     int8 stores only: one float16 scale per 32 channels
+``scales``             (N, T, D/32)     int8 stores: one float16 scale per 32 channels (other codecs: their
+                                        float16 side array, see :mod:`.codecs`)
+``codec/{name}``       any              float32 parameters of a codec (rotation, PQ centroids, PCA basis)
 ``blocks/{k}``         (N, T, D)        block k (0-based) when ``--layers`` asks for more blocks
 ``views/{v}``          (N, T, D)        augmented training view v when ``--views K``
 ``labels``             (N,)             int64, -1 where unknown
@@ -26,13 +28,11 @@ have neither ``checksums`` nor the two attributes; they still open (see :mod:`.i
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
-import numpy as np
-import torch
-
-from mimprobe.cache_store import quant
+from mimprobe.cache_store.codecs import Codec
 from mimprobe.errors import UserError
+
+TokenCodec = Codec  # how float tokens are stored (one class per codec: :mod:`.codecs`)
 
 SCHEMA_VERSION = 1
 TARGET_CHUNK_BYTES = 16 * 2**20  # docs/design.md: chunks of ~8-32 MB, whole samples only
@@ -40,7 +40,7 @@ TARGET_CHUNK_BYTES = 16 * 2**20  # docs/design.md: chunks of ~8-32 MB, whole sam
 # the token chunks: zarr spends ~0.5 ms per chunk, and ImageNet's 23k token chunks made reading sample_ids 12 s
 INDEX_CHUNK_ROWS = 2**16
 
-DTYPES = ("float16", "bfloat16", "float32", "int8")
+DTYPES = ("float16", "bfloat16", "float32", "int8")  # the float / int8 codecs; every spec: codecs.CODEC_SPECS
 
 # Attributes that say two stores hold tokens of the same network and preprocessing (dotted paths into attrs):
 # stores probed together, and a saved head and the store it predicts on, must agree on them.
@@ -85,59 +85,8 @@ def resolve_layers(layers: list[int], num_blocks: int, allowed: range | None = N
 
 
 def scales_name(array: str) -> str:
-    """Name of the int8 scale array that belongs to ``array``."""
+    """Name of the int8 scale array (a codec's float16 side array) that belongs to ``array``."""
     return "scales" if array == "tokens" else f"{array}_scales"
-
-
-@dataclass(frozen=True)
-class TokenCodec:
-    """How float tokens are stored for one dtype, and how they come back as float32."""
-
-    dtype: str
-
-    def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
-
-    @property
-    def storage_dtype(self) -> np.dtype:
-        # bfloat16 has no zarr/HDF5 dtype: its bits are stored as uint16 and the real dtype is in attrs
-        return np.dtype({"float16": "f2", "bfloat16": "u2", "float32": "f4", "int8": "i1"}[self.dtype])
-
-    @property
-    def quantized(self) -> bool:
-        return self.dtype == "int8"
-
-    def bytes_per_row(self, num_tokens: int, dim: int) -> int:
-        n = num_tokens * dim * self.storage_dtype.itemsize
-        if self.quantized:
-            n += num_tokens * quant.num_groups(dim) * 2
-        return n
-
-    def encode(self, x: torch.Tensor) -> dict[str, np.ndarray]:
-        """float (B, T, D) tensor → the arrays to store: ``{"values": ..., ["scales": ...]}``."""
-        x = x.detach()
-        if self.dtype == "float16":
-            return {"values": x.to(torch.float16).cpu().numpy()}
-        if self.dtype == "float32":
-            return {"values": x.to(torch.float32).cpu().numpy()}
-        if self.dtype == "bfloat16":
-            return {"values": x.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)}
-        q, s = quant.quantize(x)
-        return {"values": q.cpu().numpy(), "scales": s.cpu().numpy()}
-
-    def to_torch(self, values: np.ndarray) -> torch.Tensor:
-        """Stored array → tensor in its compact dtype (zero copy where possible)."""
-        t = torch.from_numpy(np.ascontiguousarray(values))
-        if self.dtype == "bfloat16":
-            return t.view(torch.int16).view(torch.bfloat16)
-        return t
-
-    def decode(self, values: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
-        """Compact tensor from :meth:`to_torch` (on any device) → float32."""
-        if self.quantized:
-            return quant.dequantize(values, scales)
-        return values.float()
 
 
 def chunk_rows_for(bytes_per_row: int, n: int, target: int = TARGET_CHUNK_BYTES) -> int:

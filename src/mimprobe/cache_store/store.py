@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from mimprobe.cache_store.backend import Backend
+from mimprobe.cache_store.codecs import PARAMS_GROUP, make_codec
 from mimprobe.cache_store.chunk_io import VERIFY_READS_ENV, ChunkIO, verify_reads_default
 from mimprobe.cache_store.formats import backend_class, infer_format
 from mimprobe.cache_store.integrity import StoreDamaged, crc, strings_crc
@@ -80,6 +81,7 @@ class TokenStore(ChunkIO):
         fmt: str | None = None,
         overwrite: bool = False,
         checksums: bool = True,
+        codec_params: dict | None = None,
     ) -> "TokenStore":
         """Create the store with every array at its final shape; ``attrs`` go in last (they mark it usable).
         ``checksums=False`` makes a store as mimprobe wrote them before chunks had checksums (for tests and
@@ -88,7 +90,7 @@ class TokenStore(ChunkIO):
         fmt = infer_format(path, fmt)
         lay = plan_layout(attrs=attrs, num_tokens=num_tokens, dim=dim, labels=labels, sample_ids=sample_ids,
                           dtype=dtype, chunk_rows=chunk_rows, blocks=blocks, views=views, final_norm=final_norm,
-                          checksums=checksums, path=path)
+                          checksums=checksums, path=path, codec_params=codec_params)
         bcls = backend_class(fmt)
         try:
             b = bcls.create(path, overwrite=overwrite)
@@ -98,7 +100,7 @@ class TokenStore(ChunkIO):
             b.create_array(spec.name, spec.shape, spec.dtype, spec.chunks)
         b.array("labels")[:] = lay.labels
         b.write_strings("sample_ids", lay.sample_ids)
-        for name, v in lay.final_norm.items():
+        for name, v in {**lay.final_norm, **lay.codec_params}.items():
             b.array(name)[:] = v
         b.set_attrs(lay.attrs)
         b.flush()
@@ -129,9 +131,17 @@ class TokenStore(ChunkIO):
         self.backend.set_attrs(a)
         self.__dict__["attrs"] = a
 
-    @property
+    @cached_property
     def codec(self) -> TokenCodec:
-        return TokenCodec(self.attrs["dtype"])
+        """The store's codec (:mod:`.codecs`) with its parameters, each checked against its checksum."""
+        params = {}
+        for name in (self.attrs.get("codec") or {}).get("parameters", []):
+            if not self.backend.has(name):
+                raise StoreDamaged.array(self.path, name, "missing")
+            v = np.asarray(self.backend.read_all(name), dtype=np.float32)
+            self._check_index(name, v, crc)
+            params[name[len(PARAMS_GROUP):]] = v
+        return make_codec(self.attrs["dtype"], num_prefix=self.num_prefix_tokens, params=params)
 
     @property
     def num_samples(self) -> int:
@@ -259,6 +269,11 @@ def check_compatible(a: TokenStore, b: TokenStore) -> None:
     if diffs:
         raise UserError(f"{a.path} and {b.path} come from different models or preprocessing "
                         f"({'; '.join(diffs[:2])}); extract both with the same MODEL and options")
+    fa, fb = a.codec.fingerprint, b.codec.fingerprint
+    if fa != fb:
+        how = lambda s, f: f"{s.codec.spec}" + (f" (codebook {f})" if f else "")  # noqa: E731
+        raise UserError(f"{a.path} and {b.path} are coded differently ({how(a, fa)} vs {how(b, fb)}); encode the "
+                        f"eval store with `mimprobe compress ... --codebook-from {a.path}`")
     ca, cb = a.class_names, b.class_names
     if ca and cb and ca != cb:
         extra = sorted(set(cb) - set(ca))[:3]

@@ -21,10 +21,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from tqdm import tqdm
 
-from mimprobe.cache_store import quant
 from mimprobe.cache_store.formats import backend_class, infer_format
 from mimprobe.cache_store.integrity import ALGORITHM, ChunkProblem, StoreDamaged, crc, strings_crc
-from mimprobe.cache_store.schema import SCHEMA_VERSION, TokenCodec, scales_name
+from mimprobe.cache_store.codecs import PARAMS_GROUP, make_codec
+from mimprobe.cache_store.schema import SCHEMA_VERSION, scales_name
 from mimprobe.cache_store.verify_report import Damage, VerifyReport
 from mimprobe.errors import UserError, reason
 
@@ -36,13 +36,13 @@ def _expected_arrays(attrs: dict) -> dict[str, tuple[tuple, np.dtype | type, tup
     """name → (shape, dtype, chunks) of every array the attributes promise."""
     n, t, d, c = (int(attrs[k]) for k in ("num_samples", "num_tokens", "embed_dim", "chunk_rows"))
     n_chunks = int(attrs["num_chunks"])
-    codec = TokenCodec(attrs["dtype"])
+    codec = _codec(attrs)
     out: dict = {}
+    row, side = codec.values_row_shape(t, d), codec.side_width(t, d)
     for name in attrs["arrays"]:
-        out[name] = ((n, t, d), codec.storage_dtype, (c, t, d))
-        if codec.quantized:
-            g = quant.num_groups(d)
-            out[scales_name(name)] = ((n, t, g), np.dtype(np.float16), (c, t, g))
+        out[name] = ((n, *row), codec.storage_dtype, (c, *row))
+        if side is not None:
+            out[scales_name(name)] = ((n, *side), np.dtype(np.float16), (c, *side))
     out["labels"] = ((n,), np.dtype(np.int64), None)  # index chunking changed over versions: not checked
     out["sample_ids"] = ((n,), str, None)
     out["valid"] = ((n,), np.dtype(np.bool_), (c,))
@@ -53,7 +53,14 @@ def _expected_arrays(attrs: dict) -> dict[str, tuple[tuple, np.dtype | type, tup
     for name in (attrs.get("index_checksums") or {}):
         if name.startswith("final_norm/"):
             out[name] = ((d,), np.dtype(np.float32), (d,))
+    for name in (attrs.get("codec") or {}).get("parameters", []):
+        out[name] = (None, np.dtype(np.float32), None)  # shape set by the codec's fit
     return out
+
+
+def _codec(attrs: dict):
+    """The store's codec without its parameters (shapes only)."""
+    return make_codec(attrs["dtype"], num_prefix=int(attrs["model"].get("num_prefix_tokens", 0)))
 
 
 def chunk_columns(attrs: dict) -> list[str]:
@@ -61,7 +68,7 @@ def chunk_columns(attrs: dict) -> list[str]:
     cs = attrs.get("checksums")
     if cs:
         return list(cs["arrays"])
-    quantized = TokenCodec(attrs["dtype"]).quantized
+    quantized = _codec(attrs).quantized
     out = []
     for name in attrs["arrays"]:
         out.append(name)
@@ -140,7 +147,7 @@ def _verify(backend, attrs: dict, rep: VerifyReport, *, quiet: bool, workers: in
         ok_dtype = (got_dtype.kind in "OTU" or str(got_dtype).startswith(("StringDType", "<U", "|S", "object"))
                     or h5_string(got_dtype)) if dtype is str else got_dtype == dtype
         problems = []
-        if tuple(arr.shape) != tuple(shape):
+        if shape is not None and tuple(arr.shape) != tuple(shape):
             problems.append(f"shape {tuple(arr.shape)}, expected {tuple(shape)}")
         if not ok_dtype:
             problems.append(f"dtype {got_dtype}, expected {'str' if dtype is str else dtype}")
@@ -178,7 +185,7 @@ def _verify(backend, attrs: dict, rep: VerifyReport, *, quiet: bool, workers: in
 
     # --- index arrays ----------------------------------------------------------------------------------------
     index = attrs.get("index_checksums") or {}
-    for name in ("labels", "sample_ids") + tuple(k for k in index if k.startswith("final_norm/")):
+    for name in ("labels", "sample_ids") + tuple(k for k in index if k.startswith(("final_norm/", PARAMS_GROUP))):
         if name not in usable:
             continue
         try:

@@ -23,7 +23,8 @@ def extract(
     pretrained: bool = typer.Option(True, help="hub weights for MODEL (ignored with --checkpoint)"),
     img_size: Optional[int] = typer.Option(None, help="create the model for this input size"),
     crop_pct: Optional[float] = typer.Option(None, help="override the model's eval crop_pct"),
-    dtype: str = typer.Option("float16", help="float16 | bfloat16 | float32 | int8"),
+    dtype: str = typer.Option("float16", "--codec", "--dtype", help="float16 | bfloat16 | float32 | int8 | int4 | "
+                              "int4r[+prefix] (pq:M / pca:K: extract float16, then `mimprobe compress`)"),
     format: Optional[str] = typer.Option(None, "--format", help="zarr | hdf5 (default: from the suffix)"),
     batch_size: int = typer.Option(64, help="images per forward pass"),
     workers: Optional[int] = typer.Option(None, help="DataLoader decode workers (default: min(8, cores))"),
@@ -96,3 +97,28 @@ def verify(
             typer.echo(f"  ... and {len(rep.damage) - len(shown)} more")
         typer.echo(rep.repair_hint())
         raise typer.Exit(1)
+
+
+@app.command()
+def compress(
+    src: str = typer.Argument(..., help="a complete store (any codec)"),
+    dst: str = typer.Argument(..., help="the store to write (DIR.zarr or FILE.h5)"),
+    codec: str = typer.Option(..., "--codec", help="float16 | bfloat16 | float32 | int8 | int4 | int4r | pq:M | "
+                              "pca:K; lossy ones may end in +prefix to keep [cls] / registers in float16"),
+    codebook_from: Optional[str] = typer.Option(None, help="take the codec's parameters (rotation, codebook, "
+                                                "basis) from this store, e.g. the train store when coding an "
+                                                "eval store"),
+    seed: int = typer.Option(0, help="seed of the fit sample, the rotation and k-means"),
+    chunk_rows: Optional[int] = typer.Option(None, help="samples per chunk (default: ~16 MB chunks)"),
+    format: Optional[str] = typer.Option(None, "--format", help="zarr | hdf5 (default: from the suffix)"),
+    overwrite: bool = typer.Option(False, help="replace DST when it was made otherwise"),
+    repair: bool = typer.Option(False, help="verify DST, then re-code only what is damaged (the same command)"),
+    quiet: bool = typer.Option(False, help="no progress bar"),
+):
+    """Re-code a store with another codec, chunk by chunk, without the backbone; resumable, checksummed."""
+    from mimprobe.cache_store.compress import compress as run
+
+    _quiet(quiet)
+    result = run(src, dst, codec, codebook_from=codebook_from, seed=seed, chunk_rows=chunk_rows, fmt=format,
+                 overwrite=overwrite, repair=repair, quiet=quiet)
+    typer.echo(result.summary())

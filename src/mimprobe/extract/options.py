@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mimprobe.cache_store.codecs import extractable, seeded_params
 from mimprobe.cache_store.schema import DTYPES, identity_diff
 from mimprobe.data.transforms import DECODE_MODES
 from mimprobe.errors import UserError
@@ -71,7 +72,7 @@ class ExtractResult:
 
 def validate(opts: ExtractOptions) -> None:
     if opts.dtype not in DTYPES:
-        raise UserError(f"--dtype {opts.dtype}: choose one of {', '.join(DTYPES)}")
+        extractable(opts.dtype, option="--codec/--dtype")  # one line naming every codec, or how to make this one
     if opts.batch_size <= 0:
         raise UserError("--batch-size must be positive")
     if opts.views < 0:
@@ -85,6 +86,11 @@ def validate(opts: ExtractOptions) -> None:
         raise UserError("--chunk-rows must be positive")
     if opts.repair and opts.overwrite:
         raise UserError("--repair keeps a store and fixes it, --overwrite replaces it: choose one")
+
+
+def extract_codec_params(bb, opts: ExtractOptions) -> dict | None:
+    """The parameters of ``--codec`` when it has seeded ones (``int4r``'s rotation, from ``--seed``)."""
+    return seeded_params(opts.dtype, num_prefix=int(bb.info["num_prefix_tokens"]), dim=bb.embed_dim, seed=opts.seed)
 
 
 def settings_diff(store, attrs: dict, opts: ExtractOptions) -> list[str]:

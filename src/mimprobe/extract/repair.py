@@ -12,7 +12,7 @@ from mimprobe.cache_store.formats import backend_class
 from mimprobe.cache_store.layout import Layout, plan_layout
 from mimprobe.cache_store.store import TokenStore
 from mimprobe.errors import UserError
-from mimprobe.extract.options import settings_diff
+from mimprobe.extract.options import extract_codec_params, settings_diff
 
 log = logging.getLogger("mimprobe")
 
@@ -23,7 +23,8 @@ def planned_layout(path, bb, source, rows, opts, layers, attrs, chunk_rows=None,
     return plan_layout(attrs=attrs, num_tokens=bb.num_tokens, dim=bb.embed_dim, labels=source.labels[rows],
                        sample_ids=[source.ids[i] for i in rows], dtype=opts.dtype,
                        chunk_rows=opts.chunk_rows if opts.chunk_rows is not None else chunk_rows,
-                       blocks=extra_blocks, views=opts.views, final_norm=bb.final_norm, checksums=checksums, path=path)
+                       blocks=extra_blocks, views=opts.views, final_norm=bb.final_norm, checksums=checksums, path=path,
+                       codec_params=extract_codec_params(bb, opts))
 
 
 def repair_store(path, fmt, bb, source, rows, opts, layers, attrs) -> tuple[TokenStore, bool | str]:

@@ -15,7 +15,7 @@ from mimprobe.cache_store.store import TokenStore
 from mimprobe.errors import UserError, reason
 from mimprobe.extract.backbone import Backbone
 from mimprobe.extract.dataset import preprocessing_attrs
-from mimprobe.extract.options import ExtractOptions, settings_diff
+from mimprobe.extract.options import ExtractOptions, extract_codec_params, settings_diff
 from mimprobe.extract.repair import repair_store
 
 log = logging.getLogger("mimprobe")
@@ -72,7 +72,7 @@ def open_or_create(path, fmt, bb, source, rows, opts, layers) -> tuple[TokenStor
     store = TokenStore.create(
         path, attrs=attrs, num_tokens=bb.num_tokens, dim=bb.embed_dim, labels=labels, sample_ids=ids,
         dtype=opts.dtype, chunk_rows=opts.chunk_rows, blocks=extra_blocks, views=opts.views,
-        final_norm=bb.final_norm, fmt=fmt, overwrite=True,
+        final_norm=bb.final_norm, fmt=fmt, overwrite=True, codec_params=extract_codec_params(bb, opts),
     )
     return store, False
 

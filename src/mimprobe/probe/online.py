@@ -31,7 +31,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mimprobe.cache_store.reader import InMemoryReader, TokenBatch, read_rows
-from mimprobe.cache_store.schema import MODEL_KEYS, TokenCodec, identity_diff
+from mimprobe.cache_store.codecs import make_codec
+from mimprobe.cache_store.schema import MODEL_KEYS, identity_diff
 from mimprobe.cache_store.store import TokenStore
 from mimprobe.data.sources import ImageSource, open_source
 from mimprobe.data.transforms import eval_transform, seeded, view_transform
@@ -185,6 +186,8 @@ def prepare(opts, train: TokenStore, arrays: list[str], blocks: list[int], rows:
     got = online.forward(torch.stack([it["x"] for it in items])).cpu()
     stored = read_rows(train, check, arrays)
     want = stored.decode(train.codec)
+    if train.codec.lossy:  # compare like with like: the recomputed tokens coded as the store codes them
+        got = train.codec.roundtrip(got)
     err = float(((got - want).flatten(1).norm(dim=1) / want.flatten(1).norm(dim=1).clamp_min(1e-12)).max())
     online.token_check = {"rows": [int(r) for r in check], "max_rel_l2_error": err, "tolerance": TOKEN_TOLERANCE}
     if not err <= TOKEN_TOLERANCE:
@@ -207,7 +210,7 @@ class OnlineFeeder:
         self.online, self.batch_size, self.seed, self.workers = online, batch_size, seed, workers
         self.rows = np.unique(np.asarray(rows, dtype=np.int64))  # store order, as load_rows holds them
         self.device = online.device
-        self.codec = TokenCodec("float32")
+        self.codec = make_codec("float32")
         self.pooled, self.in_memory, self.views, self.epoch = False, False, (), 0
         self.read_seconds = self.backbone_seconds = 0.0
         self.images = 0

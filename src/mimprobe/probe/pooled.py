@@ -16,13 +16,13 @@ import numpy as np
 import torch
 
 from mimprobe.cache_store.reader import TokenBatch
-from mimprobe.cache_store.schema import TokenCodec
+from mimprobe.cache_store.codecs import make_codec
 from mimprobe.distributed import DistContext
 from mimprobe.probe import pooling
 from mimprobe.probe.feed import Feeder
 from mimprobe.probe.trainer import TokenNorm
 
-FLOAT = TokenCodec("float32")
+FLOAT = make_codec("float32")
 
 
 @dataclass

@@ -23,7 +23,7 @@ SLURM = {"nodes": an_int(1), "gpus_per_node": an_int(0), "cpus_per_task": an_int
          "account": a_str, "setup": a_list(a_str, allow_empty=True), "sbatch": a_list(a_str, allow_empty=True),
          "port": an_int(1024)}
 MODEL = {"name": a_str, "timm": a_str, "checkpoint": a_str, "checkpoint_key": a_str, "pretrained": a_bool,
-         "img_size": an_int(1), "crop_pct": a_float(0, 1, lo_open=True), "dtype": None, "layers": a_list(an_int()),
+         "img_size": an_int(1), "crop_pct": a_float(0, 1, lo_open=True), "dtype": None, "codec": None, "layers": a_list(an_int()),
          "views": an_int(0), "batch_size": an_int(1)}
 DATASET = {"name": a_str, "train": a_str, "eval": a_str, "train_limit": an_int(1), "eval_limit": an_int(1),
            "image_column": a_str, "label_column": a_str}
@@ -143,13 +143,19 @@ def _check_data(data: str) -> str | None:
 
 
 def _model(c: _Collector, label: str, raw: dict, base: str) -> ModelSpec | None:
-    from mimprobe.cache_store.schema import DTYPES
+    from mimprobe.cache_store.codecs import extractable
+    from mimprobe.errors import UserError
 
     t = c.table(raw, MODEL, label)
-    if "dtype" in t:
-        if t["dtype"] not in DTYPES:
-            c.add(label, f"dtype {t['dtype']!r}: choose one of {', '.join(DTYPES)}")
-            t.pop("dtype")
+    for key in ("codec", "dtype"):  # codec = "int4r+prefix": what `extract --codec` writes
+        if key in t:
+            try:
+                extractable(t[key])
+            except UserError as e:
+                c.add(label, f"{key} {t[key]!r}: {str(e).split(': ', 1)[-1]}")
+                t.pop(key)
+    if "codec" in t:
+        t["dtype"] = t.pop("codec")
     ok = True
     if "timm" not in t:
         if "timm" not in raw:

@@ -68,7 +68,8 @@ def model_layout(m: ModelSpec) -> dict:
 def inspect_stores(plan: SuitePlan, estimate: bool = True) -> None:
     """Read every existing store; with ``estimate``, the size on disk of the others (N · T · D · bytes per value
     · token arrays): N from the data source (each DATA opened once), T and D from the model's config."""
-    from mimprobe.cache_store.schema import TokenCodec, resolve_layers
+    from mimprobe.cache_store.codecs import make_codec
+    from mimprobe.cache_store.schema import resolve_layers
     from mimprobe.data import open_source
 
     layouts: dict[str, dict | str] = {}
@@ -102,7 +103,7 @@ def inspect_stores(plan: SuitePlan, estimate: bool = True) -> None:
             sp.note = first_line(e)
             blocks = 1
         sp.shape, sp.arrays = (n, t, d), blocks + m.views
-        sp.est_bytes = n * TokenCodec(m.dtype).bytes_per_row(t, d) * sp.arrays
+        sp.est_bytes = n * make_codec(m.dtype).bytes_per_row(t, d) * sp.arrays
         sp.left_bytes = sp.est_bytes
 
 

@@ -18,6 +18,7 @@ the head's name in results.
 
 from __future__ import annotations
 
+import copy
 import math
 import zlib
 
@@ -244,7 +245,20 @@ class GridHead(nn.Module):
         """A one-member head holding member ``g`` (parameters and norm statistics)."""
         cfg = self.config()
         one = create_head(cfg.pop("kind"), members=1, seed=self.seed, **cfg)
-        sd = {k: (v[g:g + 1] if v.dim() and v.shape[0] == self.members and self.members > 1 else v).clone()
-              for k, v in self.state_dict().items()}
-        one.load_state_dict(sd)
+        one.load_state_dict(copy.deepcopy(self).keep_members([g]).state_dict())
         return one.train(self.training)
+
+    @torch.no_grad()
+    def keep_members(self, members) -> "GridHead":
+        """Keep only ``members`` (indices along the member axis, in that order), in place: every parameter (all have
+        the member axis) and the per-member norm statistics are cut to them, so compute shrinks with the grid. The
+        parameter objects stay the same (an optimizer over them stays valid once cut with the same indices)."""
+        idx = torch.as_tensor(list(members), dtype=torch.long)
+        for p in self.parameters():
+            p.data = p.data[idx.to(p.device)].contiguous()
+        if self.norm is not None and not self.features:  # feature heads share one norm over the shared features
+            for name in ("running_mean", "running_var"):
+                b = getattr(self.norm, name)
+                setattr(self.norm, name, b[idx.to(b.device)].contiguous())
+        self.members = len(idx)
+        return self

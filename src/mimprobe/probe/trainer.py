@@ -185,8 +185,8 @@ def _wrap(headset: HeadSet, device: torch.device, ctx: DistContext) -> nn.Module
 
 
 def _keep(headset: HeadSet, opts: dict, key: str, members) -> None:
-    headset.heads[key].keep_members(members)
-    opts[key].keep_members(members)
+    head = headset.heads[key].keep_members(members)
+    opts[key].keep_members(members, list(head.parameters()))
 
 
 def train_grid(headset: HeadSet, train: Feeder, cfg: TrainConfig, device: torch.device,
@@ -245,7 +245,7 @@ def train_grid(headset: HeadSet, train: Feeder, cfg: TrainConfig, device: torch.
             if step % 20 == 0:
                 bar.set_postfix(loss=f"{loss.item() / sum(v.shape[0] for v in logits.values()):.3f}", epoch=epoch)
             if step in rungs:  # score the members still training, cut the losers out of the stacked grid
-                del logits, loss  # their graph holds the parameters' old shapes
+                del logits, loss, model  # they hold the old parameters
                 scores = evaluate(headset, val, device, ctx)
                 for k in headset.heads:
                     _keep(headset, opts, k, search.cut(k, scores[k], cfg.halving.keep, rungs.index(step) + 1, step))

@@ -252,10 +252,13 @@ class GridHead(nn.Module):
     def keep_members(self, members) -> "GridHead":
         """Keep only ``members`` (indices along the member axis, in that order), in place: every parameter (all have
         the member axis) and the per-member norm statistics are cut to them, so compute shrinks with the grid. The
-        parameter objects stay the same (an optimizer over them stays valid once cut with the same indices)."""
+        parameters are new objects in the same order (autograd and DDP keep per-tensor state sized for the old
+        ones): an optimizer over them is handed the new ones (:meth:`GridOptimizer.keep_members`)."""
         idx = torch.as_tensor(list(members), dtype=torch.long)
-        for p in self.parameters():
-            p.data = p.data[idx.to(p.device)].contiguous()
+        for module in self.modules():
+            for name, p in list(module.named_parameters(recurse=False)):
+                setattr(module, name, nn.Parameter(p.detach()[idx.to(p.device)].contiguous(),
+                                                   requires_grad=p.requires_grad))
         if self.norm is not None and not self.features:  # feature heads share one norm over the shared features
             for name in ("running_mean", "running_var"):
                 b = getattr(self.norm, name)

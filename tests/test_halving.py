@@ -161,3 +161,27 @@ def test_records_say_where_each_member_stopped(tmp_path, cli):
     assert stopped.sum() >= 6 and np.isfinite(m).all()
     code, _, err = cli(*args, "--grid-search", "halving", "--keep", "1.5")
     assert code != 0 and "--keep 1.5" in err and "Traceback" not in err
+
+
+def test_suite_evaluations_take_the_search(tmp_path):
+    """A suite's evaluation sets the search like `probe` does; a full search leaves the cells' identity as before."""
+    import re
+    from pathlib import Path
+
+    from mimprobe.errors import UserError
+    from mimprobe.suite.parse import load_suite
+
+    example = (Path(__file__).resolve().parents[1] / "examples" / "suite.toml").read_text()
+    path = tmp_path / "suite.toml"
+    path.write_text(example)
+    plain = load_suite(str(path)).evaluations[0]
+    path.write_text(re.sub(r"min_steps = 30\n", 'min_steps = 30\ngrid_search = "full"\n', example))
+    assert load_suite(str(path)).evaluations[0].options() == plain.options()
+    assert "grid_search" not in plain.options()
+    path.write_text(re.sub(r"min_steps = 30\n", 'min_steps = 30\ngrid_search = "halving"\nkeep = 0.5\n', example))
+    e = load_suite(str(path)).evaluations[0]
+    assert e.probe["grid_search"] == "halving" and e.options()["keep"] == 0.5 and e.options()["halving_rungs"]
+    path.write_text(re.sub(r"min_steps = 30\n", 'min_steps = 30\ngrid_search = "some"\nkeep = 2\n', example))
+    with pytest.raises(UserError) as err:
+        load_suite(str(path))
+    assert "grid_search" in str(err.value) and "keep" in str(err.value)

@@ -149,3 +149,27 @@ def test_file_url_store(tmp_path, folder, tiny_ckpt):
     line = r.stderr.strip().splitlines()[-1]
     assert line.startswith("error: s3://no-such-bucket/x.zarr: ") and (
         "pip install 'mimprobe[s3]'" in line or "AWS_ENDPOINT_URL" in line), line
+
+
+def test_two_rank_probe_with_successive_halving(tmp_path):
+    """Under torchrun every rank scores the rung on all validation rows (reduced) and cuts the same members."""
+    rng = np.random.default_rng(1)
+    n, T, D, C = 600, 9, 16, 3
+    y = np.arange(n) % C
+    x = rng.normal(size=(n, T, D)) * 0.5
+    x[:, 1:, :C] += np.eye(C)[y][:, None]
+    tr = synthetic_store(tmp_path / "tr.zarr", x[:480], y[:480], chunk_rows=40)
+    te = synthetic_store(tmp_path / "te.zarr", x[480:], y[480:], chunk_rows=40)
+    out = tmp_path / "two.jsonl"
+    r = subprocess.run(_torchrun("probe", tr, te, "--head", "abmilp", "--lr", "1e-4,1e-3,1e-2", "--wd", "0,1e-4",
+                                 "--epochs", 6, "--min-steps", 0, "--batch-size", 32, "--quiet", "--device", "cpu",
+                                 "--grid-search", "halving", "--halving-rungs", "0.3,0.6", "--keep", "0.5",
+                                 "--out", out, "--stream"), env=ENV, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    import json
+
+    (rec,) = map(json.loads, open(out))
+    s = rec["training"]["search"]
+    assert rec["world_size"] == 2 and s["kind"] == "halving" and (s["stopped"], s["finished"]) == (4, 2)
+    assert len(s["rung_steps"]) == 2 and s["member_steps"] < s["full_member_steps"]
+    assert "stopped" not in rec["grid"][rec["chosen"]["member"]] and rec["metrics"]["eval_top1"] > 0.9

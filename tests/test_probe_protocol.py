@@ -93,7 +93,7 @@ def test_grid_edges_ties_and_every_member_recorded(digits_stores, tmp_path, cli)
 
     code, _, err = cli("report", out, "--sweep", "abmilp", "--sweep-plot", tmp_path / "s.png")
     assert code == 0 and (tmp_path / "s.png").is_file(), err
-    ((_, xa, ya, xs, ys, m),) = sweep_grids(recs, "abmilp")
+    ((_, xa, ya, xs, ys, m, stopped),) = sweep_grids(recs, "abmilp")
     assert (xa, ya, xs, ys) == ("lr", "wd", [1e-6, 3e-6], [0.0, 1e-4])
     want = np.mean([[g["val_top1"] for g in r["grid"]] for r in recs], 0) * 100
     assert np.allclose(m.T.ravel(), want)  # grid order: lr major, wd minor

@@ -64,10 +64,18 @@ def probe(
     center_view: bool = typer.Option(False, help="with a --views store: draw each sample's training input from "
                                      "the center crop and the K views (K = 1 or 4 views alone train worse than the "
                                      "center crop: docs/protocol.md)"),
+    grid_search: str = typer.Option("full", help="SGD heads' lr x wd grid: full (every member trains the whole "
+                                    "schedule) | halving (successive halving: at each rung only the best --keep "
+                                    "fraction on the validation rows goes on; docs/protocol.md)"),
+    halving_rungs: Optional[str] = typer.Option(None, help="with --grid-search halving: the rungs, as fractions of "
+                                                "the schedule's steps, comma list (default 0.1,0.25,0.5)"),
+    keep: float = typer.Option(1 / 3, help="with --grid-search halving: the fraction of the members still training "
+                               "that each rung keeps (at least one; default 1/3)"),
     quiet: bool = typer.Option(False),
 ):
     """Train probe heads on cached tokens (whole grids in one pass), choose on train, report on eval."""
     from mimprobe.probe import ProbeOptions, run_probe
+    from mimprobe.probe.halving import DEFAULT_RUNGS
     from mimprobe.probe.knn import DINO_KS, DINO_T
     from mimprobe.probe.plan import MIN_STEPS
     from mimprobe.probe.results import format_table
@@ -87,6 +95,8 @@ def probe(
         knn_k=_numbers(knn_k, "--knn-k") or list(DINO_KS), knn_t=_numbers(knn_t, "--knn-t", float) or [DINO_T],
         pool_from=list(pool_from or []), memory=_bytes(memory, "--memory"), checkpoint_every=checkpoint_every,
         quiet=quiet, online=online, online_augment=online_augment, center_view=center_view,
+        grid_search=grid_search, halving_rungs=_numbers(halving_rungs, "--halving-rungs", float) or list(DEFAULT_RUNGS),
+        keep=keep,
     )
     records = run_probe(train_store, eval_store, opts)
     if records and records[0]["world_size"] > 1 and not _is_main():

@@ -41,6 +41,16 @@ class GridOptimizer:
         self.state = {int(i): {k: v.to(self.params[int(i)].device) for k, v in st.items()}
                       for i, st in sd["state"].items()}
 
+    def keep_members(self, members, params: list[torch.nn.Parameter]) -> None:
+        """Keep only ``members`` (as :meth:`GridHead.keep_members`, whose new parameters ``params`` are, in the
+        same order): their learning rates, weight decays and optimizer states, cut along the member axis."""
+        params = [p for p in params if p.requires_grad]
+        assert len(params) == len(self.params)
+        self.params = params
+        idx = torch.as_tensor(list(members), dtype=torch.long)
+        self.lr, self.wd = self.lr[idx.to(self.lr.device)], self.wd[idx.to(self.wd.device)]
+        self.state = {i: {k: v[idx.to(v.device)].contiguous() for k, v in st.items()} for i, st in self.state.items()}
+
     @torch.no_grad()
     def step(self, lr_scale: float = 1.0) -> None:
         self.steps += 1

@@ -20,7 +20,7 @@ from mimprobe.cache_store.schema import resolve_layers
 from mimprobe.cache_store.store import TokenStore, check_compatible
 from mimprobe.distributed import DistContext, init_distributed, resolve_device
 from mimprobe.errors import UserError
-from mimprobe.probe import pooling, saved, subsets
+from mimprobe.probe import halving, pooling, saved, subsets
 from mimprobe.probe.feed import fits_in_memory
 from mimprobe.probe.heads import head_class, parse_spec, spec_key
 from mimprobe.probe.knn import DEFAULT_MEMORY, DINO_KS, DINO_T
@@ -83,6 +83,11 @@ class ProbeOptions:
     online_augment: bool = True
     # with a --views store: the center crop is one more view to draw from (docs/protocol.md, "What the cache costs")
     center_view: bool = False
+    # how the SGD heads' (lr, wd) grid is searched: every member for the whole schedule, or successive halving
+    # (probe/halving.py; docs/protocol.md, "Successive halving")
+    grid_search: str = "full"
+    halving_rungs: list[float] = field(default_factory=lambda: list(halving.DEFAULT_RUNGS))
+    keep: float = halving.DEFAULT_KEEP
 
 
 @dataclass(frozen=True)
@@ -169,6 +174,7 @@ def validate_options(opts: ProbeOptions) -> None:
         raise UserError("--lr: --optimizer lbfgs has no learning rate (its fits do not depend on one); give the L2 "
                         "grid with --l2")
     subsets.check_fraction(opts.val_fraction)
+    halving.check(opts.grid_search, opts.halving_rungs, opts.keep)
     if opts.val_from not in subsets.VAL_FROM:
         raise UserError(f"--val-from {opts.val_from}: choose outside or subset")
     if any(k <= 0 for k in opts.knn_k) or any(t <= 0 for t in opts.knn_t) or not opts.knn_k or not opts.knn_t:
@@ -344,7 +350,8 @@ def _plan(opts, train, ev, device, ctx) -> ProbePlan:
     pooled_once = sgd_on_pooled or any(h.trainer in ("lbfgs", "knn") and h.features for h in heads)
     sgd = TrainConfig(lrs=tuple(lrs), wds=tuple(wds), epochs=opts.epochs, batch_size=opts.batch_size,
                       optimizer=sgd_opt, warmup_epochs=opts.warmup_epochs, min_steps=opts.min_steps,
-                      quiet=opts.quiet) if sgd_heads else None
+                      quiet=opts.quiet, halving=halving.Halving(tuple(opts.halving_rungs), opts.keep)
+                      if opts.grid_search == "halving" else None) if sgd_heads else None
 
     splits = []
     for seed in opts.seeds:

@@ -27,12 +27,12 @@ def grid_edges(points: list[dict], chosen: int) -> list[str]:
     return out
 
 
-def ties(val_top1: list[float] | None, chosen: int) -> int:
-    """How many members share the chosen member's validation top-1 (1 = a clear choice; among equals the one with
-    the lowest validation cross-entropy is chosen)."""
+def ties(val_top1: list[float] | None, chosen: int, stopped=()) -> int:
+    """How many members that trained to the end share the chosen member's validation top-1 (1 = a clear choice;
+    among equals the one with the lowest validation cross-entropy is chosen)."""
     if not val_top1:
         return 0
-    return sum(1 for v in val_top1 if v == val_top1[chosen])
+    return sum(1 for g, v in enumerate(val_top1) if v == val_top1[chosen] and g not in stopped)
 
 
 def protocol(plan: ProbePlan, split: Split) -> dict:
@@ -71,7 +71,12 @@ def training(plan: ProbePlan, head: HeadPlan, out) -> dict:
                 "objective": "mean cross-entropy + l2/2 ||W||^2 on standardized features (l2 = 1/(C N))",
                 "grid": {"l2": list(plan.l2)}}
     cfg = plan.sgd
-    return {"optimizer": cfg.optimizer, "epochs": cfg.epochs, "min_steps": cfg.min_steps, "steps": r.steps,
+    search = {"kind": "full"} if cfg.halving is None else cfg.halving.describe()
+    search.update(rung_steps=list(r.rung_steps), member_steps=out.member_steps,
+                  full_member_steps=len(cfg.grid) * r.steps, stopped=len(out.stopped),
+                  finished=len(cfg.grid) - len(out.stopped))
+    return {"search": search, "optimizer": cfg.optimizer, "epochs": cfg.epochs, "min_steps": cfg.min_steps,
+            "steps": r.steps,
             "epochs_run": round(r.epochs, 3), "batch_size": cfg.batch_size, "warmup_epochs": cfg.warmup(),
             "schedule": "linear warmup, half-cosine to 0, per step",
             "lr_rule": "lr × global batch / 256" if cfg.optimizer == "lars" else "lr as given",
@@ -108,8 +113,10 @@ def make_record(plan: ProbePlan, split: Split, head: HeadPlan, out, preds_file: 
         "eval_rows_hash": plan.eval_rows_hash,
         "predictions": {"file": preds_file, "rows_hash": plan.eval_rows_hash, "num_rows": int(len(correct)),
                         "top": int(out.preds.top.shape[1])},
-        "chosen": dict(out.points[g], member=g, edges=grid_edges(out.points, g), ties=ties(val, g)),
-        "grid": [dict(p, val_top1=val[i] if val else None) for i, p in enumerate(out.points)],
+        "chosen": dict(out.points[g], member=g, edges=grid_edges(out.points, g), ties=ties(val, g, out.stopped)),
+        # a member a rung stopped (--grid-search halving) has its validation scores at the stop, and where it was
+        "grid": [dict(p, val_top1=val[i] if val else None, **({"stopped": out.stopped[i]} if i in out.stopped else {}))
+                 for i, p in enumerate(out.points)],
         "metrics": {"val_top1": val[g] if val else None, "eval_top1": out.metrics["eval_top1"],
                     "eval_top5": out.metrics["eval_top5"], "eval_top1_ci": list(ci)},
         "interval": interval_protocol(),

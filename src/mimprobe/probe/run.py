@@ -17,12 +17,11 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from mimprobe.cache_store.schema import MODEL_KEYS, identity_diff
 from mimprobe.errors import UserError
 from mimprobe.probe import knn
 from mimprobe.probe.feed import Feeder
+from mimprobe.probe.halving import ranking
 from mimprobe.probe.lbfgs import fit_lbfgs
 from mimprobe.probe.plan import KNN_DEFAULT_POINT, HeadPlan, ProbeOptions, ProbePlan, Split, make_plan
 from mimprobe.probe.pooled import Pooled, pool_rows, pool_with
@@ -45,6 +44,8 @@ class Outcome:
     training: TrainResult
     timings: dict = field(default_factory=dict)
     preds: Predictions | None = None  # each eval row's top classes
+    stopped: dict = field(default_factory=dict)  # member → its rung, step and validation scores (halving)
+    member_steps: int | None = None  # optimizer steps summed over the members (SGD grids)
 
 
 def run_probe(train_path: str, eval_path: str, opts: ProbeOptions) -> list[dict]:
@@ -180,7 +181,7 @@ def _run_sgd(plan: ProbePlan, split: Split, pooled: tuple[Pooled, Pooled] | None
             train_feed = tokens(split.train_rows, True, plan.train_views)
         val_feed = tokens(split.val_rows, False) if len(split.val_rows) else None
         eval_feed = token_eval
-    result = train_grid(headset, train_feed, cfg, dev, plan.ctx, checkpoint)
+    result = train_grid(headset, train_feed, cfg, dev, plan.ctx, checkpoint, val_feed)
     points = [{"lr": lr, "wd": wd} for lr, wd in cfg.grid]
     reads = [train_feed] + ([val_feed] if val_feed is not None else [])
     outcomes = _choose(plan, heads, headset, val_feed, eval_feed, points, result, reads)
@@ -204,11 +205,13 @@ def _run_lbfgs(plan: ProbePlan, split: Split, pooled: tuple[Pooled, Pooled]) -> 
 
 def _choose(plan: ProbePlan, heads: list[HeadPlan], headset: HeadSet, val_feed: Feeder | None, eval_feed: Feeder,
             points: list[dict], result: TrainResult, reads: list[Feeder]) -> dict[str, Outcome]:
-    """Score every member on the validation rows, keep the best of each head, evaluate it."""
+    """Score every member still in the grid on the validation rows, keep the best of each head, evaluate it.
+    Members a rung stopped (``--grid-search halving``) keep the scores they had then."""
     t_val = time.perf_counter()
     val = evaluate(headset, val_feed, plan.device, plan.ctx) if val_feed is not None else {}
-    chosen = {h.key: best_member(val[h.key]) if val else 0 for h in heads}
-    selected = headset.select(chosen)
+    local = {h.key: best_member(val[h.key]) if val else 0 for h in heads}
+    selected = headset.select(local)
+    search = result.search
     t_eval, eval_read0 = time.perf_counter(), eval_feed.read_seconds
     metrics = evaluate(selected, eval_feed, plan.device, plan.ctx, keep=TOP)
     t_end = time.perf_counter()
@@ -218,11 +221,18 @@ def _choose(plan: ProbePlan, heads: list[HeadPlan], headset: HeadSet, val_feed: 
     out = {}
     for h in heads:
         m = metrics[h.key]
+        alive = search.alive[h.key] if search is not None else list(range(len(points)))
+        stopped = search.stopped[h.key] if search is not None else {}
+        val_top1 = None
+        if val:
+            val_top1 = [stopped[g]["val_top1"] if g in stopped else None for g in range(len(points))]
+            for pos, g in enumerate(alive):
+                val_top1[g] = float(val[h.key]["top1"][pos])
         one = HeadSet({h.key: selected.heads[h.key]}, {h.key: list(h.positions)},
                       TokenNorm(plan.norm) if plan.norm is not None else None, plan.train.num_prefix_tokens)
         out[h.key] = Outcome(
-            head=one, points=points, val_top1=[float(v) for v in val[h.key]["top1"]] if val else None,
-            chosen=chosen[h.key], training=result, timings=dict(timings),
+            head=one, points=points, val_top1=val_top1, chosen=alive[local[h.key]], training=result,
+            timings=dict(timings), stopped=stopped, member_steps=search.member_steps[h.key] if search else None,
             metrics={"eval_top1": float(m["top1"][0]), "eval_top5": float(m["top5"][0]) if "top5" in m else None,
                      "n": int(m["n"])}, preds=Predictions.from_rows(plan.eval, m["rows"], m["y"], m["top"]))
     return out
@@ -292,10 +302,8 @@ def _run_knn(plan: ProbePlan, split: Split, head: HeadPlan, pooled: tuple[Pooled
 
 def best_member(val: dict) -> int:
     """The member with the best validation top-1; among equals, the lowest validation cross-entropy (small
-    validation sets tie often, and the loss still tells the members apart)."""
-    top1, loss = val["top1"], val["loss"]
-    tied = torch.nonzero(top1 == top1.max()).flatten()
-    return int(tied[torch.argmin(loss[tied])])
+    validation sets tie often, and the loss still tells the members apart), then the first."""
+    return ranking(val["top1"], val["loss"])[0]
 
 
 def _save(plan: ProbePlan, head: HeadPlan, out: Outcome, rec: dict) -> None:

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from mimprobe.distributed import DistContext
 from mimprobe.probe import pooling
 from mimprobe.probe.feed import Feeder
+from mimprobe.probe.halving import Halving, SearchState
 from mimprobe.probe.heads import GridHead, create_head
 from mimprobe.probe.metrics import topk_correct
 from mimprobe.probe.optim import lr_scale, make_optimizer
@@ -42,6 +43,7 @@ class TrainConfig:
     warmup_epochs: float | None = None  # default: 1 (adamw), 10 (lars, the paper's recipe); at most epochs/4
     min_steps: int = 0
     quiet: bool = False
+    halving: Halving | None = None  # --grid-search halving: stop the members that have lost at each rung
 
     @property
     def grid(self) -> list[tuple[float, float]]:
@@ -197,6 +199,8 @@ class TrainResult:
     steps: int
     epochs: float
     resumed_at_step: int = 0  # > 0: continued from a checkpoint taken at that step
+    search: SearchState | None = None  # which members trained to the end, which stopped where (SGD grids)
+    rung_steps: list[int] = field(default_factory=list)  # steps after which a rung cut the grids (halving)
 
 
 def _effective_lrs(cfg: TrainConfig, world: int) -> torch.Tensor:
@@ -206,15 +210,25 @@ def _effective_lrs(cfg: TrainConfig, world: int) -> torch.Tensor:
     return lrs
 
 
+def _wrap(headset: HeadSet, device: torch.device, ctx: DistContext) -> nn.Module:
+    if not ctx.active:
+        return headset
+    return nn.parallel.DistributedDataParallel(headset, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _keep(headset: HeadSet, opts: dict, key: str, members) -> None:
+    head = headset.heads[key].keep_members(members)
+    opts[key].keep_members(members, list(head.parameters()))
+
+
 def train_grid(headset: HeadSet, train: Feeder, cfg: TrainConfig, device: torch.device,
-               ctx: DistContext = DistContext(), checkpoint: GridCheckpoint | None = None) -> TrainResult:
+               ctx: DistContext = DistContext(), checkpoint: GridCheckpoint | None = None,
+               val: Feeder | None = None) -> TrainResult:
     """Train every member of every head with ``cfg``'s optimizer and schedule (see :class:`TrainConfig`),
-    continuing from ``checkpoint`` when it holds a saved state, saving to it as it goes."""
+    continuing from ``checkpoint`` when it holds a saved state, saving to it as it goes. With ``cfg.halving``
+    and validation rows ``val``, each rung scores the members still training and cuts the losers out of the
+    grid (:mod:`.halving`); the result's ``search`` says which members are left, in the heads' member order."""
     headset.to(device).train()
-    model: nn.Module = headset
-    if ctx.active:
-        model = nn.parallel.DistributedDataParallel(headset, device_ids=[device.index] if device.type == "cuda"
-                                                    else None)
     lrs = _effective_lrs(cfg, ctx.world).to(device)
     wds = torch.tensor([wd for _, wd in cfg.grid], device=device)
     opts = {k: make_optimizer(cfg.optimizer, list(h.parameters()), lrs, wds, h.decay_flags())
@@ -226,15 +240,21 @@ def train_grid(headset: HeadSet, train: Feeder, cfg: TrainConfig, device: torch.
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
         steps_per_epoch = int(t.item())
     total, warmup = cfg.steps(steps_per_epoch)
+    rungs = cfg.halving.steps(total) if cfg.halving is not None and val is not None else []
+    search = SearchState.start(headset.heads, len(cfg.grid))
     step, start, t_train = 0, 0, 0.0
     saved = checkpoint.load() if checkpoint is not None else None
     if saved is not None:
+        search = SearchState.from_state(saved["search"])
+        for k in headset.heads:  # the checkpoint holds the members still training: cut the fresh grid alike
+            _keep(headset, opts, k, search.alive[k])
         headset.load_state_dict(saved["heads"])
         for k, o in opts.items():
             o.load_state_dict(saved["optimizers"][k])
         step, start, t_train = int(saved["step"]), int(saved["epoch"]) + 1, float(saved["train_seconds"])
     bar = tqdm(total=total, initial=step, desc="probe", unit="step",
                disable=True if cfg.quiet or not ctx.is_main else None, dynamic_ncols=True)
+    model = _wrap(headset, device, ctx)
     for epoch in range(start, math.ceil(total / steps_per_epoch)):
         train.set_epoch(epoch)
         for i, batch in enumerate(train):
@@ -252,17 +272,25 @@ def train_grid(headset: HeadSet, train: Feeder, cfg: TrainConfig, device: torch.
             for o in opts.values():
                 o.step(scale)
             step += 1
-            t_train += time.perf_counter() - t0
+            search.count_step()
             bar.update(1)
             if step % 20 == 0:
-                bar.set_postfix(loss=f"{loss.item() / len(cfg.grid) / len(logits):.3f}", epoch=epoch)
+                bar.set_postfix(loss=f"{loss.item() / sum(v.shape[0] for v in logits.values()):.3f}", epoch=epoch)
+            if step in rungs:  # score the members still training, cut the losers out of the stacked grid
+                del logits, loss, model  # they hold the old parameters
+                scores = evaluate(headset, val, device, ctx)
+                for k in headset.heads:
+                    _keep(headset, opts, k, search.cut(k, scores[k], cfg.halving.keep, rungs.index(step) + 1, step))
+                headset.train()
+                model = _wrap(headset, device, ctx)
+            t_train += time.perf_counter() - t0
         if checkpoint is not None and step < total:
             checkpoint.maybe_save(lambda: {"heads": headset.state_dict(), "step": step, "epoch": epoch,
-                                           "train_seconds": t_train,
+                                           "train_seconds": t_train, "search": search.state_dict(),
                                            "optimizers": {k: o.state_dict() for k, o in opts.items()}}, ctx.is_main)
     bar.close()
     return TrainResult(t_train, train.read_seconds, step, step / steps_per_epoch,
-                       int(saved["step"]) if saved is not None else 0)
+                       int(saved["step"]) if saved is not None else 0, search, rungs)
 
 
 @torch.no_grad()

@@ -32,6 +32,8 @@ EVAL = {"name": a_str, "heads": None, "lr": a_list(a_float(0, lo_open=True)), "w
         "optimizer": None, "warmup_epochs": a_float(0), "val_fraction": a_float(0, 1, hi_open=True),
         "val_from": one_of("outside", "subset"), "val_max": an_int(1), "final_norm": a_bool,
         "layers": a_list(an_int()), "knn_k": a_list(an_int(1)), "knn_t": a_list(a_float(0, lo_open=True)),
+        "grid_search": one_of("full", "halving"), "halving_rungs": a_list(a_float(0, 1, lo_open=True, hi_open=True)),
+        "keep": a_float(0, 1, lo_open=True, hi_open=True),
         "full": a_bool, "shots": a_list(an_int(1), unique=True),
         "fractions": a_list(a_float(0, 1, lo_open=True, hi_open=True), unique=True),
         "subsets": a_list(a_str, unique=True), "seeds": a_list(an_int(0), unique=True),

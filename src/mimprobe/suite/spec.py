@@ -106,8 +106,10 @@ class TrainSet:
 PROBE_KEYS = {"lr": "lrs", "wd": "wds", "l2": "l2", "epochs": "epochs", "min_steps": "min_steps",
               "batch_size": "batch_size", "optimizer": "optimizer", "warmup_epochs": "warmup_epochs",
               "val_fraction": "val_fraction", "val_from": "val_from", "val_max": "val_max",
-              "final_norm": "final_norm", "layers": "layers", "knn_k": "knn_k", "knn_t": "knn_t"}
+              "final_norm": "final_norm", "layers": "layers", "knn_k": "knn_k", "knn_t": "knn_t",
+              "grid_search": "grid_search", "halving_rungs": "halving_rungs", "keep": "keep"}
 KNN_FIELDS = ("knn_k", "knn_t")
+HALVING_FIELDS = ("grid_search", "halving_rungs", "keep")  # in a cell's identity only when it searches by halving
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,9 @@ class EvalSpec:
         out.update(self.probe)
         if not self.knn_heads:
             for f in KNN_FIELDS:
+                out.pop(f)
+        if out["grid_search"] == "full":
+            for f in HALVING_FIELDS:
                 out.pop(f)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 

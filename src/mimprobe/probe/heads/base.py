@@ -22,6 +22,7 @@ the ``mimprobe.heads`` entry point group; :func:`head_class` finds every kind, b
 
 from __future__ import annotations
 
+import copy
 import math
 import zlib
 
@@ -340,7 +341,23 @@ class GridHead(nn.Module):
         """A one-member head holding member ``g`` (parameters and norm statistics), in this head's dtype."""
         cfg = self.config()
         one = create_head(cfg.pop("kind"), members=1, seed=self.seed, **cfg).to(self.weight.dtype)
-        sd = {k: (v[g:g + 1] if v.dim() and v.shape[0] == self.members and self.members > 1 else v).clone()
-              for k, v in self.state_dict().items()}
-        one.load_state_dict(sd)
+        one.load_state_dict(copy.deepcopy(self).keep_members([g]).state_dict())
         return one.train(self.training)
+
+    @torch.no_grad()
+    def keep_members(self, members) -> "GridHead":
+        """Keep only ``members`` (indices along the member axis, in that order), in place: every parameter (all have
+        the member axis) and the per-member norm statistics are cut to them, so compute shrinks with the grid. The
+        parameters are new objects in the same order (autograd and DDP keep per-tensor state sized for the old
+        ones): an optimizer over them is handed the new ones (:meth:`GridOptimizer.keep_members`)."""
+        idx = torch.as_tensor(list(members), dtype=torch.long)
+        for module in self.modules():
+            for name, p in list(module.named_parameters(recurse=False)):
+                setattr(module, name, nn.Parameter(p.detach()[idx.to(p.device)].contiguous(),
+                                                   requires_grad=p.requires_grad))
+        if self.norm is not None and not self.features:  # feature heads share one norm over the shared features
+            for name in ("running_mean", "running_var"):
+                b = getattr(self.norm, name)
+                setattr(self.norm, name, b[idx.to(b.device)].contiguous())
+        self.members = len(idx)
+        return self

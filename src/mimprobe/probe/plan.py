@@ -19,7 +19,7 @@ from mimprobe.cache_store.schema import resolve_layers
 from mimprobe.cache_store.store import TokenStore, check_compatible
 from mimprobe.distributed import DistContext, init_distributed, resolve_device
 from mimprobe.errors import UserError
-from mimprobe.probe import pooling, saved, subsets
+from mimprobe.probe import label_free, pooling, saved, subsets
 from mimprobe.probe.feed import fits_in_memory
 from mimprobe.probe.heads import HEADS, parse_spec, spec_key
 from mimprobe.probe.knn import DEFAULT_MEMORY, DINO_KS, DINO_T
@@ -91,6 +91,10 @@ class HeadPlan:
     trainer: str  # "sgd" (adamw / lars, one pass for all), "lbfgs" (full batch, pooled features) or "knn"
 
     @property
+    def label_free(self) -> bool:
+        return self.kind in HEADS and HEADS[self.kind].label_free
+
+    @property
     def features(self) -> tuple[str, ...] | None:
         if self.kind in KNN:
             return KNN[self.kind]
@@ -131,6 +135,7 @@ class ProbePlan:
     splits: tuple[Split, ...]
     online: object | None = None  # probe.online.OnlineInput with --online
     train_views: tuple[str, ...] = ()  # the token array of each view a training sample is drawn from (--views)
+    fit_rows: np.ndarray | None = None  # the rows label-free poolers are fitted on (all usable, labelled or not)
 
     def by_trainer(self, trainer: str) -> list[HeadPlan]:
         return [h for h in self.heads if h.trainer == trainer]
@@ -207,6 +212,9 @@ def _trainer(kind: str, opts: ProbeOptions, lbfgs_ok: bool) -> str:
     if kind in KNN or kind == "knn-head":
         return "knn"
     linear = HEADS[kind].features is not None
+    if HEADS[kind].label_free and (opts.optimizer not in ("auto", "lbfgs") or not lbfgs_ok):
+        raise UserError(f"--head {kind}: a label-free head's classifier is fitted by L-BFGS on features pooled once, "
+                        "in one process, on a store without --views; use --optimizer auto or lbfgs there")
     if opts.optimizer == "lbfgs":
         if not linear:
             raise UserError(f"--optimizer lbfgs fits linear heads only (linear-cls, linear-mean, linear-clsmean), "
@@ -351,4 +359,6 @@ def _plan(opts, train, ev, device, ctx) -> ProbePlan:
                      features=feature_names if pooled_once else (), sgd_on_pooled=sgd_on_pooled,
                      pooled_on_disk=pooled_once and not pooled_in_memory,
                      eval_rows=eval_rows, usable_rows=usable, splits=tuple(splits), online=online_input,
-                     train_views=train_views)
+                     train_views=train_views,
+                     fit_rows=label_free.fit_rows(train, opts.allow_incomplete)
+                     if any(h.label_free for h in heads) else None)

@@ -82,7 +82,8 @@ class RareTokens(LabelFreeHead):
 
     def build_pooler(self) -> None:
         L, D, k = self.num_blocks, self.dim, self.options["k"]
-        self.register_buffer("protos", torch.zeros(L, k if self.options["ref"] == "proto" else 0, D))
+        if self.options["ref"] == "proto":
+            self.register_buffer("protos", torch.zeros(L, k, D))
         self.register_buffer("unit", torch.ones(L))  # mean score on the fitting sample
 
     def width(self) -> int:

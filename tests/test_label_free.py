@@ -8,11 +8,13 @@ import pytest
 import torch
 
 from conftest import synthetic_store
+from mimprobe.analysis.heatmap import head_attention
 from mimprobe.cache_store import TokenStore
 from mimprobe.errors import UserError
 from mimprobe.probe import ProbeOptions, run_predict, run_probe
 from mimprobe.probe import label_free
 from mimprobe.probe.heads import create_head, parse_spec
+from mimprobe.probe.saved import load_head
 from mimprobe.probe.subsets import ids_hash
 
 SPECS = ["lf-rare", "lf-rare:ref=proto,k=4", "lf-proto:k=3"]
@@ -95,6 +97,16 @@ def test_few_shot_record_names_the_rows_the_pooler_was_fitted_on(stores, tmp_pat
     # the saved head pools from tokens with its fitted pooler: predict gives the run's eval top-1
     res = run_predict(str(tmp_path / "h" / "lf-rare" / "seed0"), stores["eval"], None, device="cpu")
     assert res["top1"] == pytest.approx(lf[0]["metrics"]["eval_top1"])
+    # its token weights are the heatmap's, and pool the tokens it classifies
+    headset, config = load_head(str(tmp_path / "h" / "lf-rare" / "seed0"))
+    head = headset.heads[config["key"]]
+    with TokenStore.open(stores["eval"]) as s:
+        tokens = s.read_tokens(0, 4, "tokens").float().unsqueeze(1)
+    w, logits = head_attention(headset, config["key"], tokens)
+    assert torch.allclose(w.sum(-1), torch.ones(4), atol=1e-5) and w.argmax(-1).eq(1).all()  # the unusual token
+    pooled = torch.einsum("bn,bnd->bd", w, tokens[:, 0, 1:])
+    assert torch.allclose(pooled, head.fitted_features(tokens)[:, 0, 0], atol=1e-5)
+    assert torch.equal(logits, headset(tokens)[config["key"]][0])
 
 
 def test_label_free_heads_need_lbfgs(stores):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from mimprobe.errors import UserError
 from mimprobe.probe.heads.base import GridHead, register
 
 CONTENT = ("patch", ("patch", "all"))
@@ -82,6 +83,8 @@ class RareTokens(LabelFreeHead):
 
     def build_pooler(self) -> None:
         L, D, k = self.num_blocks, self.dim, self.options["k"]
+        if self.options["t"] <= 0 or k < 1:
+            raise UserError(f"--head {self.kind}: t must be positive and k at least 1 (t={self.options['t']}, k={k})")
         if self.options["ref"] == "proto":
             self.register_buffer("protos", torch.zeros(L, k, D))
         self.register_buffer("unit", torch.ones(L))  # mean score on the fitting sample
@@ -111,6 +114,10 @@ class RareTokens(LabelFreeHead):
     def embed(self, t, z):
         return torch.einsum("bln,blnd->bld", self.weights(z), t)
 
+    def attention(self, x):
+        """The token weights (1, B, L, 1, N): one query, shared by the members (heatmaps)."""
+        return self.weights(self.standardize(self.tokens(x)))[None, :, :, None]
+
 
 @register("lf-proto")
 class Prototypes(LabelFreeHead):
@@ -123,6 +130,8 @@ class Prototypes(LabelFreeHead):
 
     def build_pooler(self) -> None:
         L, D, k = self.num_blocks, self.dim, self.options["k"]
+        if k < 1:
+            raise UserError(f"--head {self.kind}: k must be at least 1 (k={k})")
         self.register_buffer("means", torch.zeros(L, k, D))
         self.register_buffer("variances", torch.ones(L, k, D))
         self.register_buffer("log_weights", torch.full((L, k), -float(np.log(k))))

@@ -365,7 +365,11 @@ def _ref_proto(head, x, P):
     a = torch.from_numpy(gm.predict_proba(z.reshape(-1, D).numpy())).view(B, N, -1)
     mu = torch.from_numpy(gm.means_)
     resid = [(a[:, :, k, None] * (z - mu[k])).mean(1) for k in range(a.shape[-1])]  # VLAD with soft assignment
-    return _linear_out(torch.cat(resid + [a.mean(1)], -1).float(), head)
+    f = torch.cat(resid + [a.mean(1)], -1)
+    if head.options["norm"] == "power":  # signed square root, then unit L2 norm
+        f = torch.sign(f) * f.abs() ** 0.5
+        f = f / f.pow(2).sum(-1, keepdim=True) ** 0.5
+    return _linear_out(f.float(), head)
 
 
 REFERENCES = {
@@ -384,7 +388,7 @@ REFERENCES = {
     "max": [("max", _ref_max), ("max:content=all", _ref_max)],
     "gem": [("gem", _ref_gem), ("gem:signed=clamp", _ref_gem)],
     "lf-rare": [("lf-rare", _ref_rare), ("lf-rare:t=0.5,content=all", _ref_rare), ("lf-rare:ref=proto,k=5", _ref_rare)],
-    "lf-proto": [("lf-proto", _ref_proto), ("lf-proto:k=3,content=all", _ref_proto)],
+    "lf-proto": [("lf-proto", _ref_proto), ("lf-proto:k=3,norm=none,content=all", _ref_proto)],
 }
 
 

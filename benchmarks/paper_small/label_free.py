@@ -28,7 +28,7 @@ STORES = {
     "sup": ("/work/stores/sup_train10k.zarr", "/work/stores/sup_test.zarr"),
     "random": tuple(os.path.join(HERE, "..", "_work", "lf", f"random_{s}.zarr") for s in ("train", "test")),
 }
-HEADS = ["linear-cls", "linear-mean", "lf-rare", "lf-rare:ref=proto", "lf-proto"]
+HEADS = ["linear-cls", "linear-mean", "lf-rare", "lf-proto", "lf-proto:k=8,norm=none"]
 REGIMES = [("1-shot", dict(shots=1, seeds=[0, 1, 2])), ("5-shot", dict(shots=5, seeds=[0, 1, 2])),
            ("10-shot", dict(shots=10, seeds=[0, 1, 2])), ("all", dict(seeds=[0]))]
 

@@ -123,10 +123,12 @@ class RareTokens(LabelFreeHead):
 class Prototypes(LabelFreeHead):
     paper = ("label-free; a diagonal GMM over train tokens (scikit-learn GaussianMixture); soft-assignment "
              "residuals as VLAD (Jégou et al. 2010; NetVLAD's soft assignment, Arandjelović et al. 2016) and "
-             "mixture weights, as PANTHER (Song et al. 2024) summarizes a slide")
+             "mixture weights, as PANTHER (Song et al. 2024) summarizes a slide; power normalization of improved Fisher "
+             "vectors (Perronnin, Sánchez, Mensink 2010)")
     summary = ("k-component diagonal GMM over standardized tokens; per image and component the mean posterior "
-               "a_k and the posterior-weighted residual mean (z − μ_k), concatenated (k·(D+1) features)")
-    OPTIONS = {"k": (8, int), "images": IMAGES, "content": CONTENT}
+               "a_k and the posterior-weighted residual mean (z − μ_k), concatenated (k·(D+1) features); "
+               "norm=power: signed square root, then L2 per block")
+    OPTIONS = {"k": (4, int), "norm": ("power", ("power", "none")), "images": IMAGES, "content": CONTENT}
 
     def build_pooler(self) -> None:
         L, D, k = self.num_blocks, self.dim, self.options["k"]
@@ -158,4 +160,7 @@ class Prototypes(LabelFreeHead):
         a = self.posteriors(z)  # (B, L, N, k)
         n = z.shape[2]
         resid = (torch.einsum("blnk,blnd->blkd", a, z) - a.sum(2).unsqueeze(-1) * self.means[None]) / n
-        return torch.cat([resid.flatten(2), a.mean(2)], -1)
+        f = torch.cat([resid.flatten(2), a.mean(2)], -1)
+        if self.options["norm"] == "power":  # improved Fisher vectors / VLAD (Perronnin et al. 2010)
+            f = torch.nn.functional.normalize(f.sign() * f.abs().sqrt(), dim=-1)
+        return f

@@ -48,11 +48,11 @@ def choices(recs: list[dict]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--stores", default="mae,sup,random")
-    ap.add_argument("--heads", default=",".join(HEADS))
+    ap.add_argument("--heads", nargs="+", default=HEADS, help="head specs (space-separated: a spec may hold commas)")
     ap.add_argument("--regimes", default=",".join(r for r, _ in REGIMES))
     ap.add_argument("--out", default=os.path.join(HERE, "results", "label_free.json"))
     a = ap.parse_args()
-    heads = a.heads.split(",")
+    heads = a.heads
     records, table = [], {}
     for name in a.stores.split(","):
         train, test = STORES[name]

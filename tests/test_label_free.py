@@ -17,6 +17,8 @@ from mimprobe.probe.heads import create_head, parse_spec
 from mimprobe.probe.saved import load_head
 from mimprobe.probe.subsets import ids_hash
 
+pytestmark = pytest.mark.numerics  # rerun by .ci/run on the default CPU path
+
 SPECS = ["lf-rare", "lf-rare:ref=proto,k=4", "lf-proto:k=3"]
 N, T, D, C = 96, 7, 8, 3
 

@@ -51,13 +51,18 @@ def main() -> None:
     ap.add_argument("--heads", nargs="+", default=HEADS, help="head specs (space-separated: a spec may hold commas)")
     ap.add_argument("--regimes", default=",".join(r for r, _ in REGIMES))
     ap.add_argument("--out", default=os.path.join(HERE, "results", "label_free.json"))
+    ap.add_argument("--resume", action="store_true", help="keep the cells already in --out, measure the others")
     a = ap.parse_args()
     heads = a.heads
     records, table = [], {}
+    if a.resume and os.path.isfile(a.out):
+        with open(a.out, encoding="utf-8") as f:
+            done = json.load(f)
+        records, table = done["records"], done["table"]
     for name in a.stores.split(","):
         train, test = STORES[name]
         for regime, kw in REGIMES:
-            if regime not in a.regimes.split(","):
+            if regime not in a.regimes.split(",") or f"{name}/{regime}" in table:
                 continue
             t0 = time.perf_counter()
             recs = run_probe(train, test, ProbeOptions(heads=heads, quiet=True, device="cpu", **kw))

@@ -21,7 +21,7 @@ from mimprobe.distributed import DistContext, init_distributed, resolve_device
 from mimprobe.errors import UserError
 from mimprobe.probe import label_free, pooling, saved, subsets
 from mimprobe.probe.feed import fits_in_memory
-from mimprobe.probe.heads import HEADS, parse_spec, spec_key
+from mimprobe.probe.heads import HEADS, create_head, parse_spec, spec_key
 from mimprobe.probe.knn import DEFAULT_MEMORY, DINO_KS, DINO_T
 from mimprobe.probe.trainer import TrainConfig
 
@@ -323,7 +323,10 @@ def _plan(opts, train, ev, device, ctx) -> ProbePlan:
     train_views = (("tokens",) if opts.center_view else ()) + tuple(f"views/{v}" for v in range(views))
     feats = {kind: KNN[kind] if kind in KNN else HEADS[kind].features or () for _, kind, _ in requested}
     feature_names = pooling.ordered(n for f in feats.values() for n in f)
-    pooled_bytes = (len(usable) + len(eval_rows)) * len(blocks) * max(1, len(feature_names)) * train.dim * 4
+    # a label-free head's own features (one head at a time, all blocks for its multi-block form)
+    own = max((create_head(kind, dim=train.dim, num_classes=2, num_blocks=len(blocks), **options).feature_dim()
+               for _, kind, options in requested if HEADS[kind].label_free), default=0)
+    pooled_bytes = (len(usable) + len(eval_rows)) * (len(blocks) * max(1, len(feature_names)) * train.dim + own) * 4
     pooled_in_memory = fits_in_memory(pooled_bytes, torch.device("cpu"))
     lbfgs_ok = not ctx.active and views == 0 and pooled_in_memory and not opts.online
     sgd_opt = "adamw" if opts.optimizer in ("auto", "lbfgs") else opts.optimizer

@@ -228,7 +228,7 @@ def test_heatmap_tokens_and_weights_match_the_store(saved_heads):
 def test_heatmap_user_errors(saved_heads, image_folder, tmp_path):
     _, heads = saved_heads
     with pytest.raises(UserError, match="head linear-cls .*has no attention weights: use one of abmilp, abmilp-gated, "
-                                        "attentive, ep, simpool, map, coca, cait$"):
+                                        "attentive, ep, simpool, map, coca, cait, lf-rare$"):
         heatmaps(os.path.join(heads, "linear-cls", "seed0"), image_folder, images=2, out_dir=str(tmp_path))
     with pytest.raises(UserError, match="not a saved head"):
         heatmaps(str(tmp_path), image_folder, images=2, out_dir=str(tmp_path / "o"))

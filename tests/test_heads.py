@@ -141,6 +141,8 @@ def test_every_head_saves_predicts_and_streams(stores, kind, tmp_path):
     spec = SMALL_SPEC.get(kind, kind)
     common = dict(heads=[spec], lrs=[1e-2], wds=[1e-4], epochs=4, min_steps=0, batch_size=32, quiet=True,
                   device="cpu", optimizer="adamw")
+    if HEADS[kind].label_free:  # fitted by L-BFGS only (their pooling is fitted without labels first)
+        common.update(lrs=[], wds=[], optimizer="lbfgs")
     recs = run_probe(*stores, ProbeOptions(save_heads=str(tmp_path / "h"), **common))
     acc = recs[0]["metrics"]["eval_top1"]
     bound = MIN_TOP1.get(kind, 0.8)
@@ -321,6 +323,55 @@ def _ref_gem(head, x, P):
     return _linear_out(m - 1e-6 + (t - m[:, None] + 1e-6).pow(p).mean(1).pow(1 / p), head)
 
 
+def _fit_sample(T, D):
+    """The tokens a label-free head's pooler is fitted on in the formula test (64 images)."""
+    return torch.randn(64, T, D, generator=torch.Generator().manual_seed(11))
+
+
+def _standardized(head, x, P):
+    """(tokens pooled, their standardized z, the fitting sample's z): per dimension, the mean and (unbiased)
+    standard deviation of every pooled token of the fitting sample."""
+    def content(t):
+        return t if head.options["content"] == "all" else t[:, P:]
+
+    flat = content(_fit_sample(*x.shape[1:])).reshape(-1, x.shape[-1]).double()
+    m, sd = flat.mean(0), flat.std(0)
+    return content(x).double(), (content(x).double() - m) / sd, (flat - m) / sd
+
+
+def _ref_rare(head, x, P):
+    from sklearn.cluster import KMeans
+
+    t, z, zs = _standardized(head, x, P)
+    o, D = head.options, x.shape[-1]
+    if o["ref"] == "mean":
+        def score(v):
+            return (v ** 2).mean(-1)
+    else:
+        c = torch.from_numpy(KMeans(o["k"], n_init=1, random_state=0).fit(zs.numpy()).cluster_centers_)
+
+        def score(v):
+            return ((v[..., None, :] - c) ** 2).sum(-1).min(-1).values / D
+    w = torch.softmax(score(z) / (score(zs).mean() * o["t"]), dim=1)  # (B, N) over the tokens
+    return _linear_out((w[..., None] * t).sum(1).float(), head)
+
+
+def _ref_proto(head, x, P):
+    from sklearn.mixture import GaussianMixture
+
+    _, z, zs = _standardized(head, x, P)
+    B, N, D = z.shape
+    gm = GaussianMixture(head.options["k"], covariance_type="diag", reg_covar=1e-3, random_state=0).fit(zs.numpy())
+    a = torch.from_numpy(gm.predict_proba(z.reshape(-1, D).numpy())).view(B, N, -1)
+    mu = torch.from_numpy(gm.means_)
+    resid = [(a[:, :, k, None] * (z - mu[k])).mean(1) for k in range(a.shape[-1])]  # VLAD with soft assignment
+    f = torch.cat(resid + [a.mean(1)], -1)
+    if head.options["norm"] == "power":  # signed square root, then unit L2 norm
+        f = torch.sign(f) * f.abs() ** 0.5
+        f = f / f.pow(2).sum(-1, keepdim=True) ** 0.5
+    return _linear_out(f.float(), head)
+
+
 REFERENCES = {
     "linear-cls": [("linear-cls", _ref_linear)],
     "linear-mean": [("linear-mean", _ref_linear)],
@@ -336,6 +387,8 @@ REFERENCES = {
     "cait": [("cait", _ref_cait), ("cait:heads=2,content=all", _ref_cait)],
     "max": [("max", _ref_max), ("max:content=all", _ref_max)],
     "gem": [("gem", _ref_gem), ("gem:signed=clamp", _ref_gem)],
+    "lf-rare": [("lf-rare", _ref_rare), ("lf-rare:t=0.5,content=all", _ref_rare), ("lf-rare:ref=proto,k=5", _ref_rare)],
+    "lf-proto": [("lf-proto", _ref_proto), ("lf-proto:k=3,norm=none,content=all", _ref_proto)],
 }
 
 
@@ -350,6 +403,8 @@ def test_head_equals_its_formula(spec, ref):
     x = torch.randn(B, P + grid[0] * grid[1], D)
     kind, options = parse_spec(spec)
     head = create_head(kind, dim=D, num_classes=C, num_prefix=P, grid=grid, seed=3, **options).eval()
+    if head.label_free:
+        head.fit_pooler(_fit_sample(x.shape[1], D).unsqueeze(1), seed=0)
     with torch.no_grad():  # non-trivial norm statistics, and parameters off their init (layer scales of 1e-5,
         for p in head.parameters():  # LayerNorm γ = 1, β = 0 would hide terms)
             p.add_(torch.randn_like(p) * 0.1)
@@ -357,7 +412,9 @@ def test_head_equals_its_formula(spec, ref):
             head.norm.running_mean.normal_()
             head.norm.running_var.uniform_(0.5, 2)
     inp = x.unsqueeze(1)
-    if head.features is not None:
+    if head.label_free:
+        inp = head.fitted_features(inp)
+    elif head.features is not None:
         from mimprobe.probe import pooling
 
         inp = pooling.pool(inp, head.features, P)

@@ -79,7 +79,7 @@ def head_attention(headset: HeadSet, key: str, tokens: torch.Tensor,
     a = head.attention(x)[0].mean(1)  # (B, Q, M) over the head's pooled tokens
     if head.options.get("content") == "all":
         a = a[..., head.num_prefix:]
-    return (a if per_query else a.mean(1)), head(x)[0]
+    return (a if per_query else a.mean(1)), headset(tokens)[key][0]
 
 
 def peak(weights: torch.Tensor) -> torch.Tensor:

@@ -27,10 +27,9 @@ def fit_lbfgs(headset: HeadSet, feats: torch.Tensor, y: torch.Tensor, l2: list[f
     headset.to(device).eval()
     feats, y = feats.to(device), y.to(device)
     iters = 0
-    for key, head in headset.heads.items():
+    for key, head, src in headset.head_inputs(feats, pooled=True):
         with torch.no_grad():
-            src = feats[:, headset.inputs[key]][:, :, [headset.features.index(n) for n in head.features]]
-            f = head.pool(src)  # (1, N, F): parameter-free pooling, shared by the members
+            f = head.pool(src)  # (1, N, F): pooling without trainable parameters, shared by the members
             head.norm.running_mean.copy_(f.mean(1))
             head.norm.running_var.copy_(f.var(1, unbiased=False))
             z = head.norm(f)[0]

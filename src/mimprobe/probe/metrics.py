@@ -15,3 +15,11 @@ def topk_correct(logits: torch.Tensor, y: torch.Tensor, ks=(1, 5)) -> dict[int, 
         if k <= logits.shape[-1]:
             out[k] = hit[..., :k].any(-1).sum(-1)
     return out
+
+
+def rankme(z: torch.Tensor, eps: float = 1e-7) -> float:
+    """RankMe (Garrido et al. 2023, eq. 1): exp of the entropy of the normalized singular values of the (n, F)
+    features, p_k = σ_k / ‖σ‖₁ + ε; between 1 and min(n, F)."""
+    s = torch.linalg.svdvals(z.double())
+    p = s / s.sum() + eps
+    return float(torch.exp(-(p * p.log()).sum()))

@@ -20,9 +20,9 @@ from mimprobe.cache_store.schema import resolve_layers
 from mimprobe.cache_store.store import TokenStore, check_compatible
 from mimprobe.distributed import DistContext, init_distributed, resolve_device
 from mimprobe.errors import UserError
-from mimprobe.probe import halving, pooling, saved, subsets
+from mimprobe.probe import halving, label_free, pooling, saved, subsets
 from mimprobe.probe.feed import fits_in_memory
-from mimprobe.probe.heads import head_class, parse_spec, spec_key
+from mimprobe.probe.heads import create_head, head_class, parse_spec, spec_key
 from mimprobe.probe.knn import DEFAULT_MEMORY, DINO_KS, DINO_T
 from mimprobe.probe.trainer import TrainConfig
 
@@ -99,6 +99,10 @@ class HeadPlan:
     trainer: str  # "sgd" (adamw / lars, one pass for all), "lbfgs" (full batch, pooled features) or "knn"
 
     @property
+    def label_free(self) -> bool:
+        return self.trainer != "knn" and head_class(self.kind).label_free
+
+    @property
     def features(self) -> tuple[str, ...] | None:
         if self.kind in KNN:
             return KNN[self.kind]
@@ -139,6 +143,7 @@ class ProbePlan:
     splits: tuple[Split, ...]
     online: object | None = None  # probe.online.OnlineInput with --online
     train_views: tuple[str, ...] = ()  # the token array of each view a training sample is drawn from (--views)
+    fit_rows: np.ndarray | None = None  # the rows label-free poolers are fitted on (all usable, labelled or not)
 
     def by_trainer(self, trainer: str) -> list[HeadPlan]:
         return [h for h in self.heads if h.trainer == trainer]
@@ -221,6 +226,9 @@ def _trainer(kind: str, opts: ProbeOptions, lbfgs_ok: bool) -> str:
     if kind in KNN or kind == "knn-head":
         return "knn"
     linear = head_class(kind).features is not None
+    if head_class(kind).label_free and (opts.optimizer not in ("auto", "lbfgs") or not lbfgs_ok):
+        raise UserError(f"--head {kind}: a label-free head's classifier is fitted by L-BFGS on features pooled once, "
+                        "in one process, on a store without --views; use --optimizer auto or lbfgs there")
     if opts.optimizer == "lbfgs":
         if not linear:
             raise UserError(f"--optimizer lbfgs fits linear heads only (linear-cls, linear-mean, linear-clsmean), "
@@ -329,7 +337,10 @@ def _plan(opts, train, ev, device, ctx) -> ProbePlan:
     train_views = (("tokens",) if opts.center_view else ()) + tuple(f"views/{v}" for v in range(views))
     feats = {kind: KNN[kind] if kind in KNN else head_class(kind).features or () for _, kind, _ in requested}
     feature_names = pooling.ordered(n for f in feats.values() for n in f)
-    pooled_bytes = (len(usable) + len(eval_rows)) * len(blocks) * max(1, len(feature_names)) * train.dim * 4
+    # a label-free head's own features (one head at a time, all blocks for its multi-block form)
+    own = max((create_head(kind, dim=train.dim, num_classes=2, num_blocks=len(blocks), **options).feature_dim()
+               for _, kind, options in requested if kind not in KNN and head_class(kind).label_free), default=0)
+    pooled_bytes = (len(usable) + len(eval_rows)) * (len(blocks) * max(1, len(feature_names)) * train.dim + own) * 4
     pooled_in_memory = fits_in_memory(pooled_bytes, torch.device("cpu"))
     lbfgs_ok = not ctx.active and views == 0 and pooled_in_memory and not opts.online
     sgd_opt = "adamw" if opts.optimizer in ("auto", "lbfgs") else opts.optimizer
@@ -366,4 +377,6 @@ def _plan(opts, train, ev, device, ctx) -> ProbePlan:
                      features=feature_names if pooled_once else (), sgd_on_pooled=sgd_on_pooled,
                      pooled_on_disk=pooled_once and not pooled_in_memory,
                      eval_rows=eval_rows, usable_rows=usable, splits=tuple(splits), online=online_input,
-                     train_views=train_views)
+                     train_views=train_views,
+                     fit_rows=label_free.fit_rows(train, opts.allow_incomplete)
+                     if any(h.label_free for h in heads) else None)

@@ -124,6 +124,7 @@ def make_record(plan: ProbePlan, split: Split, head: HeadPlan, out, preds_file: 
                         pooled_once=head.trainer == "lbfgs"
                         or plan.sgd_on_pooled, heads_trained_together=len(plan.by_trainer(head.trainer)) * len(
                             out.points)),
+        **out.extra,
         "device": plan.device.type,
         "world_size": plan.ctx.world,
         "versions": versions(),

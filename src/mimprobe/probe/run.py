@@ -17,12 +17,15 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
+import torch
+
 from mimprobe.cache_store.schema import MODEL_KEYS, identity_diff
 from mimprobe.errors import UserError
-from mimprobe.probe import knn
+from mimprobe.probe import knn, label_free
 from mimprobe.probe.feed import Feeder
 from mimprobe.probe.halving import ranking
 from mimprobe.probe.lbfgs import fit_lbfgs
+from mimprobe.probe.metrics import rankme
 from mimprobe.probe.plan import KNN_DEFAULT_POINT, HeadPlan, ProbeOptions, ProbePlan, Split, make_plan
 from mimprobe.probe.pooled import Pooled, pool_rows, pool_with
 from mimprobe.probe.predictions import TOP, Predictions, file_name
@@ -46,6 +49,7 @@ class Outcome:
     preds: Predictions | None = None  # each eval row's top classes
     stopped: dict = field(default_factory=dict)  # member → its rung, step and validation scores (halving)
     member_steps: int | None = None  # optimizer steps summed over the members (SGD grids)
+    extra: dict = field(default_factory=dict)  # more record fields (a label-free head's pooler, RankMe)
 
 
 def run_probe(train_path: str, eval_path: str, opts: ProbeOptions) -> list[dict]:
@@ -127,7 +131,7 @@ def _execute(plan: ProbePlan, scratch: str | None) -> list[dict]:
                 os.makedirs(resume, exist_ok=True)
             outcomes.update(_run_sgd(plan, split, pooled, token_eval, ckpt))
         if plan.by_trainer("lbfgs"):
-            outcomes.update(_run_lbfgs(plan, split, pooled))
+            outcomes.update(_run_lbfgs(plan, split, pooled, scratch))
         for head in plan.by_trainer("knn"):
             outcomes[head.key] = _run_knn(plan, split, head, learned.get(head.key, pooled))
         seed_records = []
@@ -191,16 +195,61 @@ def _run_sgd(plan: ProbePlan, split: Split, pooled: tuple[Pooled, Pooled] | None
     return outcomes
 
 
-def _run_lbfgs(plan: ProbePlan, split: Split, pooled: tuple[Pooled, Pooled]) -> dict[str, Outcome]:
-    ptrain, peval = pooled
+def _run_lbfgs(plan: ProbePlan, split: Split, pooled: tuple[Pooled, Pooled] | None,
+               scratch: str | None = None) -> dict[str, Outcome]:
+    """The linear heads on the run's pooled features, together; each label-free head on its own features, pooled
+    once with its pooler fitted for this seed on all usable train rows without labels."""
     heads = plan.by_trainer("lbfgs")
-    headset = _heads(plan, heads, len(plan.l2), split.seed, pooled=True)
+    shared = [h for h in heads if not h.label_free]
+    out = _fit_linear(plan, split, shared, _heads(plan, shared, len(plan.l2), split.seed, pooled=True),
+                      pooled) if shared else {}
+    for h in heads:
+        if h.label_free:
+            pos = list(h.positions)
+            headset = build_heads({h.key: (h.kind, h.options, list(range(len(pos))))}, dim=plan.train.dim,
+                                  num_classes=plan.num_classes, num_prefix=plan.train.num_prefix_tokens,
+                                  members=len(plan.l2), seed=split.seed, grid=plan.grid)
+            head = headset.heads[h.key]
+            info = label_free.fit(head, plan.train, plan.fit_rows, plan.arrays, pos, plan.norm, split.seed,
+                                  plan.opts.workers)
+            own = tuple(label_free.pool(head, store, rows, plan.arrays, pos, plan.norm, plan.device,
+                                        plan.opts.workers, scratch)
+                        for store, rows in ((plan.train, plan.usable_rows), (plan.eval, plan.eval_rows)))
+            out.update(_fit_linear(plan, split, [h], headset, own, {"pooler": info}))
+    return out
+
+
+def _fit_linear(plan: ProbePlan, split: Split, heads: list[HeadPlan], headset: HeadSet,
+                pooled: tuple[Pooled, Pooled], extra: dict | None = None) -> dict[str, Outcome]:
+    """Fit ``heads`` (all of ``headset``) by L-BFGS on the split's rows of ``pooled``; choose and evaluate."""
+    ptrain, peval = pooled
     data = ptrain.take(split.train_rows)
     result = fit_lbfgs(headset, data.x, data.y, plan.l2, plan.device)
+    ranks = feature_ranks(headset, ptrain, plan.usable_rows, split.seed, plan.device)
     bs = 4096
     val_feed = ptrain.feeder(split.val_rows, bs, plan.device, False, 0) if len(split.val_rows) else None
     eval_feed = peval.feeder(plan.eval_rows, bs, plan.device, False, 0)
-    return _choose(plan, heads, headset, val_feed, eval_feed, [{"l2": c} for c in plan.l2], result, [])
+    out = _choose(plan, heads, headset, val_feed, eval_feed, [{"l2": c} for c in plan.l2], result, [])
+    for key, o in out.items():
+        o.extra = dict(extra or {}, rankme=ranks[key])
+    return out
+
+
+RANKME_ROWS = 4096
+
+
+@torch.no_grad()
+def feature_ranks(headset: HeadSet, ptrain: Pooled, rows, seed: int, device: torch.device) -> dict[str, dict]:
+    """RankMe of each head's standardized pooled features (what its classifier reads) on a seeded sample of the
+    usable train rows: a label-free score of the features (Garrido et al. 2023)."""
+    sample = label_free.draw(rows, RANKME_ROWS, seed)
+    x = ptrain.take(sample).x.to(device)
+    out = {}
+    for key, head, src in headset.head_inputs(x, pooled=True):
+        z = head.norm(head.pool(src))[0]
+        out[key] = {"value": round(rankme(z), 3), "rows": int(len(sample)),
+                    "on": "standardized pooled features of a seeded sample of the usable train rows, labels not read"}
+    return out
 
 
 def _choose(plan: ProbePlan, heads: list[HeadPlan], headset: HeadSet, val_feed: Feeder | None, eval_feed: Feeder,

@@ -112,7 +112,7 @@ class HeadSet(nn.Module):
     Batches carry L blocks: ``inputs[key]`` says which of them (positions along L) head ``key`` reads. A batch is
     either tokens (B, L, T, D) — normed with the final norm when there is one, then each feature head gets its
     pooled features, computed once for all of them — or already pooled features (B, L, K, D) laid out as
-    ``features`` (``pooled=True``)."""
+    ``features`` (``pooled=True``; for a label-free head, its own pooled features, alone in its head set)."""
 
     def __init__(self, heads: dict[str, GridHead], inputs: dict[str, list[int]] | None = None,
                  norm: TokenNorm | None = None, num_prefix: int = 1, features: tuple[str, ...] | None = None):
@@ -135,10 +135,13 @@ class HeadSet(nn.Module):
             x = self.prepare(x)
             feats = pooling.pool(x, self.features, self.num_prefix) if self.features else None
         for key, head in self.heads.items():
-            src = x if head.features is None else feats
+            src = x if head.features is None or head.label_free else feats
             pos = self.inputs[key]
             if pos != list(range(src.shape[1])):
                 src = src[:, pos]
+            if head.label_free:  # pooled: the batch is this head's own features (a head set of one head)
+                yield key, head, src if pooled else head.fitted_features(src)
+                continue
             if head.features is not None and head.features != self.features:
                 src = src[:, :, [self.features.index(n) for n in head.features]]
             yield key, head, src

@@ -9,7 +9,9 @@ Each head declares what it reads from the tokens:
 
 * ``features = ("cls",)`` etc.: parameter-free pooled features (:mod:`mimprobe.probe.pooling`), shared by all
   members; the runner computes them once per batch, or once per sample for a whole run;
-* ``features = None``: the tokens themselves, (B, L, T, D) with T = P prefix + N patch tokens.
+* ``features = None``: the tokens themselves, (B, L, T, D) with T = P prefix + N patch tokens;
+* ``features = ()`` with ``label_free``: features pooled once per sample by the head's own pooler, fitted without
+  labels on the train store (:mod:`.labelfree`).
 
 Options come from a spec string, ``kind:key=value,key=value`` (e.g. ``abmilp:depth=2,act=tanh``); each head
 declares its options and their defaults in ``OPTIONS``, and the canonical spec (non-default options only) is
@@ -232,6 +234,7 @@ class GridHead(nn.Module):
     kind = "base"
     features: tuple[str, ...] | None = None  # pooled features read instead of tokens (see module doc)
     needs_cls = False
+    label_free = False  # pooling fitted without labels on the train store (heads/labelfree.py), then L-BFGS
     use_norm = True
     paper = ""  # where the definition comes from (the head table, docs/heads.md)
     summary = ""  # what it computes, one line (the head table)
@@ -249,7 +252,7 @@ class GridHead(nn.Module):
         self.gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(self.kind.encode()))
         self.build()
         feats = self.feature_dim()
-        self.norm = GridBatchNorm(1 if self.features else members, feats) if self.use_norm else None
+        self.norm = GridBatchNorm(1 if self.features is not None else members, feats) if self.use_norm else None
         self.weight = self._param(self._trunc((feats, num_classes), 0.01 if self.use_norm else 0.02))
         self.bias = self._param(torch.zeros(num_classes))
         del self.gen
@@ -355,7 +358,7 @@ class GridHead(nn.Module):
             for name, p in list(module.named_parameters(recurse=False)):
                 setattr(module, name, nn.Parameter(p.detach()[idx.to(p.device)].contiguous(),
                                                    requires_grad=p.requires_grad))
-        if self.norm is not None and not self.features:  # feature heads share one norm over the shared features
+        if self.norm is not None and self.features is None:  # feature heads share one norm (as in __init__)
             for name in ("running_mean", "running_var"):
                 b = getattr(self.norm, name)
                 setattr(self.norm, name, b[idx.to(b.device)].contiguous())

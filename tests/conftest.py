@@ -229,3 +229,18 @@ def close_s3_sessions(*extra):
     for obj in gc.get_objects():  # sessions of clients s3fs replaced while retrying
         if type(obj) is aiohttp.ClientSession and obj._connector is not None and not obj._connector.closed:
             obj._connector._close()
+
+
+class Float64Codec:
+    """A store's codec, decoding to float64: tests that compare two trainings run them in float64, where a
+    gradient of pure rounding noise (a parameter that cannot change the loss) stays far below AdamW's eps instead
+    of becoming ±lr steps whose sign depends on the CPU's summation order (tests/test_heads.py::grid_mismatches)."""
+
+    def __init__(self, codec):
+        self.codec = codec
+
+    def __getattr__(self, name):
+        return getattr(self.codec, name)
+
+    def decode(self, *args, **kwargs):
+        return self.codec.decode(*args, **kwargs).double()

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import one_token_task, synthetic_store
+from conftest import Float64Codec, one_token_task, synthetic_store
 from mimprobe.cache_store import TokenStore
 from mimprobe.errors import UserError
 from mimprobe.probe import HEADS, ProbeOptions, create_head, run_predict, run_probe
@@ -57,19 +57,6 @@ def one_token_stores(tmp_path_factory):
             synthetic_store(d / "te.zarr", xe, ye, chunk_rows=200))
 
 
-class _Float64Codec:
-    """The store's codec, decoding to float64: the grid-vs-alone comparison runs in float64 (see below)."""
-
-    def __init__(self, codec):
-        self.codec = codec
-
-    def __getattr__(self, name):
-        return getattr(self.codec, name)
-
-    def decode(self, *args, **kwargs):
-        return self.codec.decode(*args, **kwargs).double()
-
-
 def _train_float64(store, kind, lrs, wds):
     """Train ``kind``'s grid over lrs × wds for 2 epochs in float64; returns the head and its config."""
     rows = np.arange(store.num_samples)
@@ -77,7 +64,7 @@ def _train_float64(store, kind, lrs, wds):
                       quiet=True)
     feed = Feeder(store, rows, 32, device=torch.device("cpu"), arrays=["tokens"], shuffle=True, seed=5,
                   in_memory=True)
-    feed.codec = _Float64Codec(feed.codec)
+    feed.codec = Float64Codec(feed.codec)
     k, opts = parse_spec(SMALL_SPEC.get(kind, kind))
     hs = build_heads({kind: (k, opts, [0])}, dim=D_SMALL, num_classes=3, num_prefix=1, members=len(cfg.grid),
                      seed=7, grid=(2, 4)).double()

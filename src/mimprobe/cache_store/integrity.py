@@ -41,8 +41,8 @@ def strings_crc(values) -> int:
 
 
 def repair_hint(path: str) -> str:
-    return (f"`mimprobe verify {path}` lists the damage; re-run the `mimprobe extract` command that made the store "
-            "with --repair to re-extract only what is damaged")
+    return (f"`mimprobe verify {path}` lists the damage; re-run the `mimprobe extract` (or `compress`) command that "
+            "made the store with --repair to re-extract only what is damaged")
 
 
 class StoreDamaged(UserError):

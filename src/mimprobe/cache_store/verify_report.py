@@ -85,6 +85,6 @@ class VerifyReport:
             return ("repair: HDF5 metadata cannot be rewritten in place; re-extract with the same `mimprobe extract` "
                     "command and --overwrite")
         if fixable:
-            return ("repair: re-run the `mimprobe extract` command that made the store, with --repair (only the "
-                    "damaged chunks are extracted again)")
+            return ("repair: re-run the `mimprobe extract` (or `compress`) command that made the store, with "
+                    "--repair (only the damaged chunks are extracted again)")
         return "repair: re-extract with the same `mimprobe extract` command and --overwrite"

@@ -15,7 +15,7 @@ Make the float16 stores first (about a minute on 2 CPU cores; CIFAR-10 JPEGs fro
     mimprobe extract vit_tiny_patch16_224 $D/test  $W/mae_test.zarr  --checkpoint $M --img-size 64 --crop-pct 1.0
     (and random_train / random_test with --no-pretrained instead of --checkpoint)
 
-then ``python benchmarks/codecs.py`` writes ``benchmarks/results/codecs.json`` and prints a table.
+then ``python benchmarks/codec_costs.py`` writes ``benchmarks/results/codecs.json`` and prints a table.
 """
 
 from __future__ import annotations

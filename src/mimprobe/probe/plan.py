@@ -325,7 +325,7 @@ def _plan(opts, train, ev, device, ctx) -> ProbePlan:
     feature_names = pooling.ordered(n for f in feats.values() for n in f)
     # a label-free head's own features (one head at a time, all blocks for its multi-block form)
     own = max((create_head(kind, dim=train.dim, num_classes=2, num_blocks=len(blocks), **options).feature_dim()
-               for _, kind, options in requested if HEADS[kind].label_free), default=0)
+               for _, kind, options in requested if kind in HEADS and HEADS[kind].label_free), default=0)
     pooled_bytes = (len(usable) + len(eval_rows)) * (len(blocks) * max(1, len(feature_names)) * train.dim + own) * 4
     pooled_in_memory = fits_in_memory(pooled_bytes, torch.device("cpu"))
     lbfgs_ok = not ctx.active and views == 0 and pooled_in_memory and not opts.online

@@ -151,7 +151,8 @@ def token_error(bb, ref: torch.Tensor, got: torch.Tensor) -> dict:
 def top1_effect(args, tmp) -> dict:
     """CIFAR-10 enlarged to 800x600 JPEGs; extract pil vs draft (random-init vit_tiny); linear probe top-1."""
     from mimprobe.extract.runner import ExtractOptions, extract
-    from mimprobe.probe import ProbeOptions, run_probe
+    from mimprobe.probe.options import ProbeOptions
+    from mimprobe.probe.run import run_probe
 
     if not os.path.isdir(fx.CIFAR_TRAIN):
         return {"skipped": "no CIFAR-10 JPEGs"}

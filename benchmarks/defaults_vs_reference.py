@@ -30,9 +30,11 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _bench import machine_info  # noqa: E402
 from linear_vs_sklearn import pooled  # noqa: E402
 
-from mimprobe.probe import ProbeOptions, run_probe  # noqa: E402
-from mimprobe.probe.knn import DINO_KS, DINO_T  # noqa: E402
-from mimprobe.probe.plan import DEFAULT_L2, make_plan  # noqa: E402
+from mimprobe.probe.options import ProbeOptions  # noqa: E402
+
+from mimprobe.probe.run import run_probe
+from mimprobe.probe.options import DEFAULT_L2, DINO_KS, DINO_T  # noqa: E402
+from mimprobe.probe.plan import make_plan  # noqa: E402
 
 FEATURE = {"linear-cls": "cls", "linear-mean": "mean", "knn-cls": "cls", "knn-mean": "mean"}
 

@@ -28,9 +28,10 @@ import _bench
 import _fixtures as fx
 from linear_vs_sklearn import write_digits
 from mimprobe.extract.runner import ExtractOptions, extract
-from mimprobe.probe import HEADS, ProbeOptions, run_probe
-from mimprobe.probe.halving import DEFAULT_KEEP, DEFAULT_RUNGS
-from mimprobe.probe.plan import MIN_STEPS
+from mimprobe.probe.heads import HEADS
+from mimprobe.probe.options import ProbeOptions
+from mimprobe.probe.run import run_probe
+from mimprobe.probe.options import DEFAULT_KEEP, DEFAULT_RUNGS, MIN_STEPS
 
 NAME = "grid_search"
 TARGET = (">=", 4.0)

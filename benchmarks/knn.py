@@ -50,7 +50,8 @@ def clustered(n: int, nq: int, f: int, classes: int, seed: int, spread: float):
 
 
 def mimprobe_case(x, y, q, k: int) -> _bench.Case:
-    from mimprobe.probe.knn import FeatureBank, predict, topk_neighbours
+    from mimprobe.probe.knn import predict, topk_neighbours
+    from mimprobe.probe.knn_bank import FeatureBank
 
     def run():
         bank = FeatureBank(x, y)
@@ -88,7 +89,8 @@ def child(spec: dict) -> dict:
     """Runs in a fresh interpreter: baseline VmHWM, then one search over a memmapped bank, peak VmHWM."""
     import torch
 
-    from mimprobe.probe.knn import FeatureBank, block_sizes, predict, topk_neighbours
+    from mimprobe.probe.knn import block_sizes, predict, topk_neighbours
+    from mimprobe.probe.knn_bank import FeatureBank
 
     if spec.get("idle"):
         return {"vmhwm": _vmhwm()}
@@ -142,8 +144,9 @@ def main(argv=None):
         print(json.dumps(child(json.loads(sys.argv[2]))))
         return 0
     import _fixtures as fx  # heavy (timm, stores): the parent only
-    from mimprobe.probe.knn import (DEFAULT_MEMORY, DINO_KS, FeatureBank, block_sizes, predict, sweep,
-                                    topk_neighbours)
+    from mimprobe.probe.knn import block_sizes, predict, sweep, topk_neighbours
+    from mimprobe.probe.knn_bank import FeatureBank
+    from mimprobe.probe.options import DEFAULT_MEMORY, DINO_KS
 
     p = _bench.parser(__doc__)
     p.add_argument("--n", type=int, default=None, help="bank rows for the time comparison (default 20000; quick 4000)")

@@ -24,8 +24,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 from _bench import machine_info  # noqa: E402
 
-from mimprobe.probe import ProbeOptions, run_probe  # noqa: E402
-from mimprobe.probe.plan import DEFAULT_L2  # noqa: E402
+from mimprobe.probe.options import ProbeOptions  # noqa: E402
+
+from mimprobe.probe.run import run_probe
+from mimprobe.probe.options import DEFAULT_L2  # noqa: E402
 
 HEADS = ["linear-cls", "linear-mean"]
 

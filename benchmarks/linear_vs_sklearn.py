@@ -34,8 +34,9 @@ import _bench
 import _fixtures as fx
 from mimprobe.cache_store import TokenStore
 from mimprobe.extract.runner import ExtractOptions, extract
-from mimprobe.probe import ProbeOptions, run_probe
-from mimprobe.probe.plan import DEFAULT_L2
+from mimprobe.probe.options import ProbeOptions
+from mimprobe.probe.run import run_probe
+from mimprobe.probe.options import DEFAULT_L2
 from mimprobe.probe.subsets import usable_rows, val_split
 
 NAME = "linear_vs_sklearn"

@@ -142,7 +142,8 @@ def digits_folders(tmp_path_factory):
 @pytest.fixture(scope="session")
 def digits_stores(digits_folders, tmp_path_factory):
     """Train (1,347) and test (450) stores of the digits through a random-init vit_tiny at 32 px."""
-    from mimprobe.extract import ExtractOptions, extract
+    from mimprobe.extract.options import ExtractOptions
+    from mimprobe.extract.runner import extract
 
     root = tmp_path_factory.mktemp("digits_stores")
     out = []

@@ -17,8 +17,11 @@ from mimprobe.analysis.attention import (AttentionStats, attention_maps, attenti
 from mimprobe.analysis.heatmap import backbone_for_head, head_attention, heatmaps
 from mimprobe.probe.saved import head_blocks
 from mimprobe.errors import UserError
-from mimprobe.extract import ExtractOptions, block_tokens, extract
-from mimprobe.probe import ProbeOptions, run_probe
+from mimprobe.extract.options import ExtractOptions
+from mimprobe.extract.backbone import block_tokens
+from mimprobe.extract.runner import extract
+from mimprobe.probe.options import ProbeOptions
+from mimprobe.probe.run import run_probe
 from mimprobe.probe.saved import load_head
 
 pytestmark = pytest.mark.numerics  # rerun by .ci/run on the default CPU path

@@ -115,7 +115,7 @@ def test_user_errors_are_one_line(tmp_path, cli, image_folder):
         (["extract", TINY, image_folder, str(ro / "sub" / "s.zarr"), *BASE], "cannot create the store"),
         (["extract", TINY, image_folder, str(junk / "s.zarr"), *BASE], "cannot create the store"),
         (["extract", TINY, image_folder, str(junk / "s.h5"), *BASE], "cannot create the store"),
-        (["extract", TINY, image_folder, out_store, *BASE, "--dtype", "float8"], "--dtype"),
+        (["extract", TINY, image_folder, out_store, *BASE, "--dtype", "float8"], "--codec: 'float8'"),
         (["extract", TINY, image_folder, out_store, *BASE, "--layers", "-40"], "--layers -40"),
         (["extract", TINY, "torchvision:CIFAR10:" + str(tmp_path), out_store, *BASE], "never downloads"),
         (["extract", TINY, image_folder, out_store, "--img-size", "32", "--quiet"], "pretrained weights"),

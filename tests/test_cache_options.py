@@ -18,8 +18,10 @@ from mimprobe.cache_store import TokenStore
 from mimprobe.data import open_source
 from mimprobe.data.transforms import eval_transform
 from mimprobe.errors import UserError
-from mimprobe.extract import ExtractOptions, extract
-from mimprobe.probe import ProbeOptions, run_probe
+from mimprobe.extract.options import ExtractOptions
+from mimprobe.extract.runner import extract
+from mimprobe.probe.options import ProbeOptions
+from mimprobe.probe.run import run_probe
 
 pytestmark = pytest.mark.numerics  # rerun by .ci/run on the default CPU path
 

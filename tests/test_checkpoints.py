@@ -13,7 +13,9 @@ import torch
 from tiny_timm import BY_NAME, create, hooked, store_inputs
 from mimprobe.cache_store import TokenStore
 from mimprobe.errors import UserError
-from mimprobe.extract import ExtractOptions, block_tokens, extract, load_backbone
+from mimprobe.extract.options import ExtractOptions
+from mimprobe.extract.backbone import block_tokens, load_backbone
+from mimprobe.extract.runner import extract
 
 pytestmark = pytest.mark.numerics  # rerun by .ci/run on the default CPU path
 

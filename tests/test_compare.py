@@ -66,7 +66,8 @@ def test_mcnemar_is_the_exact_binomial_test_on_discordant_pairs():
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     """Two heads and kNN on one eval store (2 seeds), one head on an eval store with other rows."""
-    from mimprobe.probe import ProbeOptions, run_probe
+    from mimprobe.probe.options import ProbeOptions
+    from mimprobe.probe.run import run_probe
 
     d = tmp_path_factory.mktemp("cmp")
     rng = np.random.default_rng(0)

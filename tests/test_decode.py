@@ -17,7 +17,8 @@ from mimprobe.cache_store import TokenStore
 from mimprobe.data import open_source
 from mimprobe.data.transforms import TensorEvalTransform, eval_transform
 from mimprobe.errors import UserError
-from mimprobe.extract import ExtractOptions, extract
+from mimprobe.extract.options import ExtractOptions
+from mimprobe.extract.runner import extract
 from mimprobe.extract.dataset import ExtractDataset
 
 

@@ -15,7 +15,8 @@ import zarr
 
 from conftest import TINY, synthetic_store, write_image_folder
 from mimprobe.cache_store import TokenStore
-from mimprobe.probe import ProbeOptions, run_probe
+from mimprobe.probe.options import ProbeOptions
+from mimprobe.probe.run import run_probe
 
 pytestmark = pytest.mark.slow
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")

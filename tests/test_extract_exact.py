@@ -12,7 +12,8 @@ from conftest import TINY, make_model, save_checkpoint
 from mimprobe.cache_store import TokenStore
 from mimprobe.data import open_source
 from mimprobe.data.transforms import eval_transform
-from mimprobe.extract import ExtractOptions, extract
+from mimprobe.extract.options import ExtractOptions
+from mimprobe.extract.runner import extract
 
 pytestmark = pytest.mark.numerics  # rerun by .ci/run on the default CPU path
 

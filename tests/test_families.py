@@ -14,8 +14,11 @@ from tiny_timm import BY_NAME, TINIES, create, hooked, last_block, store_inputs
 from mimprobe.cache_store import TokenStore
 from mimprobe.cache_store.info import describe
 from mimprobe.errors import UserError
-from mimprobe.extract import ExtractOptions, block_tokens, extract, load_backbone
-from mimprobe.probe import ProbeOptions, run_probe
+from mimprobe.extract.options import ExtractOptions
+from mimprobe.extract.backbone import block_tokens, load_backbone
+from mimprobe.extract.runner import extract
+from mimprobe.probe.options import ProbeOptions
+from mimprobe.probe.run import run_probe
 from mimprobe.probe.trainer import TokenNorm
 
 pytestmark = pytest.mark.numerics  # rerun by .ci/run on the default CPU path

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from conftest import Float64Codec, synthetic_store
 from mimprobe.cache_store import TokenStore
-from mimprobe.probe import HEADS
+from mimprobe.probe.heads import HEADS
 from mimprobe.probe.feed import Feeder
 from mimprobe.probe.halving import Halving, SearchState, survivors
 from mimprobe.probe.heads import parse_spec
@@ -159,7 +159,7 @@ def test_records_say_where_each_member_stopped(tmp_path, cli):
     ((*_, m, stopped),) = sweep_grids(recs, "abmilp")
     assert stopped.sum() >= 6 and np.isfinite(m).all()
     code, _, err = cli(*args, "--grid-search", "halving", "--keep", "1.5")
-    assert code != 0 and "--keep 1.5" in err and "Traceback" not in err
+    assert code != 0 and "--keep: 1.5" in err and "Traceback" not in err
 
 
 def test_suite_evaluations_take_the_search(tmp_path):

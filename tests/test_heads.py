@@ -16,7 +16,10 @@ import torch.nn.functional as F
 from conftest import Float64Codec, one_token_task, synthetic_store
 from mimprobe.cache_store import TokenStore
 from mimprobe.errors import UserError
-from mimprobe.probe import HEADS, ProbeOptions, create_head, run_predict, run_probe
+from mimprobe.probe.heads import HEADS, create_head
+from mimprobe.probe.options import ProbeOptions
+from mimprobe.probe.predict import run_predict
+from mimprobe.probe.run import run_probe
 from mimprobe.probe.feed import Feeder
 from mimprobe.probe.heads import parse_spec, spec_key
 from mimprobe.probe.trainer import TrainConfig, build_heads, train_grid

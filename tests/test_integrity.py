@@ -269,7 +269,8 @@ def _same_tree(a: str, b: str) -> None:
 
 @pytest.fixture(scope="module")
 def ref_store(tmp_path_factory, image_folder, tiny_ckpt):
-    from mimprobe.extract import ExtractOptions, extract
+    from mimprobe.extract.options import ExtractOptions
+    from mimprobe.extract.runner import extract
 
     root = tmp_path_factory.mktemp("ref")
     out = {}

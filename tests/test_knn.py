@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from mimprobe.errors import UserError
-from mimprobe.probe.knn import (FeatureBank, block_sizes, knn_sweep, predict, sweep, topk_neighbours)
+from mimprobe.probe.knn import block_sizes, knn_sweep, predict, sweep, topk_neighbours
+from mimprobe.probe.knn_bank import FeatureBank
 
 pytestmark = pytest.mark.numerics  # rerun by .ci/run on the default CPU path
 

@@ -11,7 +11,8 @@ import pytest
 
 from conftest import one_line_error
 from mimprobe.cache_store import TokenStore
-from mimprobe.probe import ProbeOptions, run_probe
+from mimprobe.probe.options import ProbeOptions
+from mimprobe.probe.run import run_probe
 from mimprobe.probe import subsets
 
 pytestmark = pytest.mark.numerics  # rerun by .ci/run on the default CPU path

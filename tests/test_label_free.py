@@ -11,7 +11,9 @@ from conftest import synthetic_store
 from mimprobe.analysis.heatmap import head_attention
 from mimprobe.cache_store import TokenStore
 from mimprobe.errors import UserError
-from mimprobe.probe import ProbeOptions, run_predict, run_probe
+from mimprobe.probe.options import ProbeOptions
+from mimprobe.probe.predict import run_predict
+from mimprobe.probe.run import run_probe
 from mimprobe.probe import label_free
 from mimprobe.probe.heads import create_head, parse_spec
 from mimprobe.probe.saved import load_head

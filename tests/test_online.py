@@ -15,9 +15,11 @@ import torch
 from conftest import TINY, write_image_folder
 from mimprobe.cache_store import TokenStore
 from mimprobe.errors import UserError
-from mimprobe.extract import ExtractOptions, extract
-from mimprobe.probe import HEADS as REGISTERED
-from mimprobe.probe import ProbeOptions, run_probe
+from mimprobe.extract.options import ExtractOptions
+from mimprobe.extract.runner import extract
+from mimprobe.probe.heads import HEADS as REGISTERED
+from mimprobe.probe.options import ProbeOptions
+from mimprobe.probe.run import run_probe
 from mimprobe.probe.plan import make_plan
 from mimprobe.probe.online import OnlineFeeder
 from mimprobe.report import build_table

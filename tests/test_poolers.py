@@ -18,7 +18,9 @@ from conftest import synthetic_store
 from mimprobe.analysis.heatmap import head_attention, heatmaps
 from mimprobe.cache_store import TokenStore
 from mimprobe.errors import UserError
-from mimprobe.probe import HEADS, ProbeOptions, create_head, run_probe
+from mimprobe.probe.heads import HEADS, create_head
+from mimprobe.probe.options import ProbeOptions
+from mimprobe.probe.run import run_probe
 from mimprobe.probe.heads import parse_spec
 from mimprobe.probe.results import format_table
 from mimprobe.probe.saved import load_head

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from conftest import one_line_error, synthetic_store
 from mimprobe.cache_store import TokenStore
 from mimprobe.errors import UserError
-from mimprobe.probe import ProbeOptions, run_probe
+from mimprobe.probe.options import ProbeOptions
+from mimprobe.probe.run import run_probe
 from mimprobe.probe import subsets
 from mimprobe.probe.optim import GridAdamW, GridLARS
 
@@ -156,7 +157,7 @@ def test_probe_errors(tmp_path, stores, cli):
         ((stores[0], stores[1]), ["--val-fraction", "0", "--lr", "1e-3,1e-2"], "nothing to choose"),
         ((stores[0], stores[1]), ["--shots", "2", "--val-from", "subset"], "too few samples"),
         ((stores[0], stores[1]), ["--fraction", "1.0"], "too few rows outside the subset"),
-        ((stores[0], stores[1]), ["--val-from", "elsewhere"], "--val-from elsewhere"),
+        ((stores[0], stores[1]), ["--val-from", "elsewhere"], "--val-from: 'elsewhere'"),
         ((unlabelled, stores[1]), [], "no valid labelled samples"),
         ((stores[0], stores[1]), ["--optimizer", "lbfgs", "--head", "linear-mean,abmilp"], "linear heads only"),
         ((stores[0], stores[1]), ["--optimizer", "sgd"], "--optimizer"),
@@ -195,7 +196,7 @@ def test_linear_heads_on_pooled_features_equal_the_token_path(tmp_path):
     """Linear heads that train alone read features pooled once; trained with the same optimizer and batches on the
     tokens (beside a token head), they get the same numbers; their saved heads read full tokens (final norm and
     prefix tokens included)."""
-    from mimprobe.probe import run_predict
+    from mimprobe.probe.predict import run_predict
 
     x, y = _data(T=10)
     xe, ye = _data(90, T=10, seed=1)

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from mimprobe.cache_store import TokenStore
-from mimprobe.probe import ProbeOptions, run_probe
+from mimprobe.probe.options import ProbeOptions
+from mimprobe.probe.run import run_probe
 from mimprobe.probe import subsets
-from mimprobe.probe.plan import DEFAULT_LRS, DEFAULT_POINT, DEFAULT_WDS, MIN_STEPS
+from mimprobe.probe.options import DEFAULT_LRS, DEFAULT_POINT, DEFAULT_WDS, MIN_STEPS
 
 pytestmark = pytest.mark.numerics  # rerun by .ci/run on the default CPU path
 

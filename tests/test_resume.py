@@ -16,7 +16,8 @@ import zarr
 
 from conftest import TINY, write_image_folder
 from mimprobe.cache_store import TokenStore
-from mimprobe.extract import ExtractOptions, extract
+from mimprobe.extract.options import ExtractOptions
+from mimprobe.extract.runner import extract
 
 IMG = 128  # 64 patches: slow enough on purpose to be killed mid-run
 

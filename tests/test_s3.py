@@ -16,7 +16,8 @@ import pytest
 
 from conftest import S3_BUCKET as BUCKET, TINY, close_s3_sessions as _close_sessions, one_line_error, write_image_folder
 from mimprobe.cache_store import TokenStore
-from mimprobe.extract import ExtractOptions, extract
+from mimprobe.extract.options import ExtractOptions
+from mimprobe.extract.runner import extract
 
 s3fs = pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")

@@ -13,7 +13,8 @@ from conftest import TINY, one_line_error, write_image_folder
 from mimprobe.cache_store import TokenStore
 from mimprobe.data import open_source
 from mimprobe.errors import UserError
-from mimprobe.extract import ExtractOptions, extract
+from mimprobe.extract.options import ExtractOptions
+from mimprobe.extract.runner import extract
 
 datasets = pytest.importorskip("datasets")
 wds = pytest.importorskip("webdataset")

@@ -392,4 +392,4 @@ def test_a_model_takes_a_codec_and_a_fitted_one_is_refused_in_one_line(tmp_path,
     suite.write_text(text.replace('dtype = "int8"', 'codec = "pq:8"', 1))
     code, _, err = cli("suite", suite, "--dry-run")
     (line,) = err.strip().splitlines()
-    assert code == 2 and "codec 'pq:8'" in line and "mimprobe compress" in line
+    assert code == 2 and "codec: 'pq:8' is fitted on tokens" in line and "mimprobe compress" in line

@@ -20,7 +20,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "src"))
 
-from mimprobe.probe import ProbeOptions, run_probe  # noqa: E402
+from mimprobe.probe.options import ProbeOptions  # noqa: E402
+
+from mimprobe.probe.run import run_probe
 from mimprobe.report.tables import best_of, percent_stats  # noqa: E402
 
 STORES = {

@@ -3,7 +3,7 @@
 * :func:`open_store` — a store, read-only: its size, attributes, labels, sample ids, class names, tokens decoded to
   float32 whatever the stored dtype, and :meth:`Store.to_xarray`;
 * :func:`extract` and :func:`probe` — the ``extract`` and ``probe`` commands, with the options of
-  :class:`~mimprobe.extract.options.ExtractOptions` and :class:`~mimprobe.probe.plan.ProbeOptions` as keyword
+  :class:`~mimprobe.extract.options.ExtractOptions` and :class:`~mimprobe.probe.options.ProbeOptions` as keyword
   arguments (same names, same defaults); :func:`probe` returns :class:`Results`;
 * :func:`load_results` — the records of ``probe --out`` files, as ``mimprobe report`` reads them;
 * :func:`token_loader` — the probe's own chunk-shuffled reader as batches of float32 tokens for your own loop.
@@ -14,7 +14,6 @@ Nothing here re-implements the command line's work: each function validates its 
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Iterable, Iterator, NamedTuple, Sequence
 
@@ -23,16 +22,7 @@ import torch
 
 from mimprobe.cache_store.store import TokenStore
 from mimprobe.errors import UserError
-
-
-def options_from(cls, options: dict, what: str):
-    """``cls(**options)`` for an options dataclass; an unknown keyword is one UserError naming it and the valid
-    ones."""
-    fields = [f.name for f in dataclasses.fields(cls)]
-    unknown = [k for k in options if k not in fields]
-    if unknown:
-        raise UserError(f"{what}: unknown option {unknown[0]!r}; valid options: {', '.join(fields)}")
-    return cls(**options)
+from mimprobe.options import from_kwargs
 
 
 # --- stores ------------------------------------------------------------------------------------------------------
@@ -182,10 +172,10 @@ def extract(model: str, data: str, store: str, **options):
     """``mimprobe extract MODEL DATA STORE``: ``options`` are :class:`~mimprobe.extract.options.ExtractOptions`'
     fields (``pretrained=False``, ``img_size=64``, ``dtype="int8"``, ...). Returns the
     :class:`~mimprobe.extract.options.ExtractResult`."""
-    from mimprobe.extract import ExtractOptions
-    from mimprobe.extract import extract as run_extract
+    from mimprobe.extract.options import ExtractOptions
+    from mimprobe.extract.runner import extract as run_extract
 
-    return run_extract(model, str(data), str(store), options_from(ExtractOptions, options, "mimprobe.extract()"))
+    return run_extract(model, str(data), str(store), from_kwargs(ExtractOptions, options, "mimprobe.extract()"))
 
 
 class Results(list):
@@ -237,11 +227,12 @@ def _head_specs(heads) -> list[str]:
 def probe(train: str, eval: str, heads: Sequence | str | type | None = None, **options) -> Results:  # noqa: A002
     """``mimprobe probe TRAIN EVAL``: train every head's grid, choose on train, report on eval. ``heads``: specs
     as ``--head`` takes them, or GridHead subclasses; ``options`` are
-    :class:`~mimprobe.probe.plan.ProbeOptions`' fields (``lrs=[1e-3]``, ``epochs=5``, ``seeds=[0, 1]``,
+    :class:`~mimprobe.probe.options.ProbeOptions`' fields (``lrs=[1e-3]``, ``epochs=5``, ``seeds=[0, 1]``,
     ``shots=10``, ``out="results.jsonl"``, ``save_heads="heads/"``, ...), with the command's defaults."""
-    from mimprobe.probe import ProbeOptions, run_probe
+    from mimprobe.probe.options import ProbeOptions
+    from mimprobe.probe.run import run_probe
 
-    opts = options_from(ProbeOptions, {"heads": _head_specs(heads), **options}, "mimprobe.probe()")
+    opts = from_kwargs(ProbeOptions, {"heads": _head_specs(heads), **options}, "mimprobe.probe()")
     return Results(run_probe(str(train), str(eval), opts))
 
 

@@ -12,8 +12,11 @@ import logging
 import os
 from dataclasses import dataclass
 
-from mimprobe.extract import ExtractOptions, extract
-from mimprobe.probe import ProbeOptions, run_probe
+from mimprobe.extract.options import ExtractOptions
+
+from mimprobe.extract.runner import extract
+from mimprobe.probe.options import ProbeOptions
+from mimprobe.probe.run import run_probe
 from mimprobe.probe.results import format_table
 from mimprobe.report import build_table, plot_table, render
 

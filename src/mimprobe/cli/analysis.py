@@ -8,9 +8,13 @@ import typer
 
 from mimprobe.cli.app import _quiet, app
 from mimprobe.errors import UserError
+from mimprobe.extract.options import ExtractOptions
+from mimprobe.options import command
 
 
-@app.command()
+@command(app, ExtractOptions, only=("checkpoint", "pretrained", "img_size", "crop_pct", "batch_size", "workers",
+                                   "device", "quiet"),
+         defaults={"batch_size": 32}, helps={"workers": "DataLoader decode workers (default: min(4, cores))"})
 def attention(
     args: Optional[list[str]] = typer.Argument(
         None, metavar="MODEL DATA | A.json B.json ...",
@@ -21,17 +25,10 @@ def attention(
     plot: Optional[str] = typer.Option(None, help="with --compare: PNG to write (default attention_compare.png)"),
     metric: str = typer.Option("cls", help="with --compare: cls | patch | cls_self (normalised entropies: 1 = "
                                "uniform)"),
-    checkpoint: Optional[str] = typer.Option(None, help="local weights (.safetensors, or .pth/.pt state_dict)"),
-    pretrained: bool = typer.Option(True, help="hub weights for MODEL (ignored with --checkpoint)"),
-    img_size: Optional[int] = typer.Option(None, help="create the model for this input size"),
-    crop_pct: Optional[float] = typer.Option(None, help="override the model's eval crop_pct"),
     limit: int = typer.Option(256, help="a seeded random subset of N images"),
     seed: int = typer.Option(0, help="seed of the subset"),
-    batch_size: int = typer.Option(32, help="images per forward pass"),
-    workers: Optional[int] = typer.Option(None, help="DataLoader decode workers (default: min(4, cores))"),
     out: Optional[str] = typer.Option(None, help="output directory (default attention_MODEL)"),
-    device: str = typer.Option("auto", help="auto | cpu | cuda"),
-    quiet: bool = typer.Option(False, help="no progress bar"),
+    *, checkpoint, pretrained, img_size, crop_pct, batch_size, workers, device, quiet,
 ):
     """Attention entropy per block: how uniformly the class token and the patch tokens attend over the patches."""
     from mimprobe.analysis import attention as an
@@ -64,7 +61,7 @@ def attention(
     typer.echo(f"wrote {json_path} and {png_path}")
 
 
-@app.command()
+@command(app, ExtractOptions, only=("batch_size", "device", "workers"), defaults={"batch_size": 32, "workers": 0})
 def heatmap(
     head_dir: str = typer.Argument(..., help="a head with attention weights (abmilp, attentive, ep, simpool, map, "
                                    "coca, cait, ...) saved by probe --save-heads"),
@@ -73,11 +70,9 @@ def heatmap(
     out: str = typer.Option("heatmaps", help="output directory: one PNG per image + grid.png"),
     checkpoint: Optional[str] = typer.Option(None, help="the backbone's weights, if the recorded checkpoint moved"),
     seed: int = typer.Option(0, help="seed of the subset"),
-    batch_size: int = typer.Option(32),
-    device: str = typer.Option("auto", help="auto | cpu | cuda"),
-    workers: int = typer.Option(0, help="DataLoader decode workers"),
     per_query: bool = typer.Option(False, "--per-query", help="heads with several queries (ep, map's heads, ...): "
                                    "also one figure per image with each query's map"),
+    *, batch_size, device, workers,
 ):
     """Draw where a saved attention-pooling head looks: its weights over the patches (mean over its queries), on
     each image."""

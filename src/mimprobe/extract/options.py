@@ -1,44 +1,90 @@
-"""What ``mimprobe extract`` is asked to do and what it reports: :class:`ExtractOptions` (every option of the
-command, with its default), :func:`validate` (refusing contradictory or out-of-range options before anything
-is loaded), :func:`settings_diff` (how an existing store differs from what the options would make), and
-:class:`ExtractResult` (what one run did, and its one-line summary).
+"""What ``mimprobe extract`` (and :func:`mimprobe.extract`, and a suite's models) can be asked and what it reports:
+:class:`ExtractOptions` (every option, declared once: :mod:`mimprobe.options`), :func:`validate` (the checks of the
+options alone, before anything is loaded) and :class:`ExtractResult` (what one run did, and its one-line summary).
+Imports nothing heavy: the command line is built from it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from mimprobe.cache_store.codecs import extractable, seeded_params
-from mimprobe.cache_store.schema import DTYPES, identity_diff
-from mimprobe.data.transforms import DECODE_MODES
+from mimprobe.checks import Bad, a_bool, a_float, a_list, a_str, an_int, one_of
 from mimprobe.errors import UserError
+from mimprobe.options import check_fields, option
 from mimprobe.units import human_bytes
+
+FORMATS = ("zarr", "hdf5")
+a_device = one_of("auto", "cpu", "cuda", prefix="cuda:")
+
+
+def a_decode(mode):
+    """A decode mode of data/transforms.py (pil, draft, gpu)."""
+    from mimprobe.data.transforms import DECODE_MODES
+
+    return one_of(*DECODE_MODES)(mode)
+
+
+def a_codec(spec):
+    """A codec ``extract`` can write (cache_store/codecs.py): a dtype, int4, int4r, ... (+prefix)."""
+    from mimprobe.cache_store.codecs import extractable
+
+    spec = a_str(spec)
+    try:
+        extractable(spec)
+    except UserError as e:  # the codec's own line, without its "--codec SPEC" (the caller names the option)
+        msg = str(e)
+        for prefix in (f"--codec {spec!r}", f"--codec {spec}"):
+            msg = msg[len(prefix):] if msg.startswith(prefix) else msg
+        raise Bad(f"{spec!r}{msg}") from None
+    return spec
 
 
 @dataclass
 class ExtractOptions:
-    checkpoint: str | None = None
-    checkpoint_key: str | None = None  # sub-dict or key prefix of the checkpoint that holds the encoder
-    pretrained: bool = True
-    img_size: int | None = None
-    crop_pct: float | None = None
-    dtype: str = "float16"
-    format: str | None = None
-    batch_size: int = 64
-    workers: int | None = None
-    device: str = "auto"
-    limit: int | None = None
-    decode: str = "pil"  # pil (exact, timm's preprocessing) | draft | gpu (see mimprobe.data.transforms)
-    seed: int = 0
-    chunk_rows: int | None = None
-    layers: list[int] = field(default_factory=list)
-    views: int = 0
-    skip_bad: bool = False
-    overwrite: bool = False
-    repair: bool = False  # verify, un-mark damaged chunks, rewrite damaged index arrays / metadata, then resume
-    quiet: bool = False
-    image_column: str | None = None  # hf: column / wds: key of the image (default: detected)
-    label_column: str | None = None  # hf: column / wds: key of the label (default: ClassLabel / cls)
+    checkpoint: str | None = option(None, "local weights (.safetensors, or .pth/.pt state_dict)", check=a_str,
+                                    suite="models.checkpoint")
+    checkpoint_key: str | None = option(None, "the checkpoint's sub-dict (a.b for nested) or key prefix holding the "
+                                        "encoder, e.g. teacher (default: detected)", check=a_str,
+                                        suite="models.checkpoint_key")
+    pretrained: bool = option(True, "hub weights for MODEL (ignored with --checkpoint)", check=a_bool,
+                              suite="models.pretrained")
+    img_size: int | None = option(None, "create the model for this input size", check=an_int(1), suite="models.img_size")
+    crop_pct: float | None = option(None, "override the model's eval crop_pct", check=a_float(0, 1, lo_open=True),
+                                    suite="models.crop_pct")
+    dtype: str = option("float16", "float16 | bfloat16 | float32 | int8 | int4 | int4r[+prefix] (pq:M / pca:K: "
+                        "extract float16, then `mimprobe compress`)", flags=("--codec", "--dtype"), check=a_codec,
+                        suite="models.codec")
+    format: str | None = option(None, "zarr | hdf5 (default: from the suffix)", flags=("--format",),
+                                check=one_of(*FORMATS))
+    batch_size: int = option(64, "images per forward pass", check=an_int(1), suite=("extract.batch_size", "models.batch_size"), run_option=True)
+    workers: int | None = option(None, "DataLoader decode workers (default: min(8, cores))", check=an_int(0),
+                                 suite="extract.workers", run_option=True)
+    device: str = option("auto", "auto | cpu | cuda (bf16 autocast on CUDA)", check=a_device, run_option=True)
+    limit: int | None = option(None, "only a seeded random subset of N samples", check=an_int(1))
+    decode: str = option("pil", "pil: timm's own preprocessing (exact) | draft: large JPEGs decoded at reduced size "
+                         "(faster, inexact) | gpu: JPEGs decoded on the device (inexact); inexact choices are "
+                         "recorded in the store", check=a_decode)
+    seed: int = option(0, "seed of the row permutation (and of --views crops)", check=an_int(), suite="extract.seed",
+                       run_option=True)
+    chunk_rows: int | None = option(None, "samples per chunk (default: ~16 MB chunks)", check=an_int(1),
+                                    suite="extract.chunk_rows", run_option=True)
+    layers: list[int] = option([], "more blocks to store, Python-style, e.g. -4,-8", kind="list", item=int,
+                               check=a_list(an_int(), allow_empty=True), suite="models.layers")
+    views: int = option(0, "K augmented training views per image (RandomResizedCrop + flip)", check=an_int(0),
+                        suite="models.views")
+    skip_bad: bool = option(False, "mark undecodable images invalid and go on", check=a_bool, suite="extract.skip_bad",
+                            run_option=True)
+    overwrite: bool = option(False, "replace a store made with other settings", check=a_bool, run_option=True)
+    repair: bool = option(False, "verify the store, then re-extract only its damaged chunks (and rewrite damaged "
+                          "index arrays / metadata); the same command as the original", check=a_bool,
+                          run_option=True)
+    quiet: bool = option(False, "no progress bar or notes", check=a_bool, run_option=True)
+    image_column: str | None = option(None, "hf: the image column / wds: the image key, e.g. jpg (default: the Image "
+                                      "feature / jpg, jpeg, png, webp)", check=a_str,
+                                      suite="datasets.image_column")
+    label_column: str | None = option(None, "hf: the label column / wds: the label key (default: the ClassLabel "
+                                      "feature or 'label' / cls)", check=a_str,
+                                      suite="datasets.label_column")
 
 
 @dataclass
@@ -71,31 +117,10 @@ class ExtractResult:
 
 
 def validate(opts: ExtractOptions) -> None:
-    if opts.dtype not in DTYPES:
-        extractable(opts.dtype, option="--codec/--dtype")  # one line naming every codec, or how to make this one
-    if opts.batch_size <= 0:
-        raise UserError("--batch-size must be positive")
-    if opts.views < 0:
-        raise UserError("--views must be >= 0")
-    if opts.decode not in DECODE_MODES:
-        raise UserError(f"--decode {opts.decode}: choose one of {', '.join(DECODE_MODES)}")
+    """Every check of the options alone: one UserError line for the first problem."""
+    check_fields(opts)
     if opts.decode == "gpu" and opts.views:
         raise UserError("--decode gpu does not make --views (training views are drawn on the CPU); use "
                         "--decode pil with --views")
-    if opts.chunk_rows is not None and opts.chunk_rows <= 0:
-        raise UserError("--chunk-rows must be positive")
     if opts.repair and opts.overwrite:
         raise UserError("--repair keeps a store and fixes it, --overwrite replaces it: choose one")
-
-
-def extract_codec_params(bb, opts: ExtractOptions) -> dict | None:
-    """The parameters of ``--codec`` when it has seeded ones (``int4r``'s rotation, from ``--seed``)."""
-    return seeded_params(opts.dtype, num_prefix=int(bb.info["num_prefix_tokens"]), dim=bb.embed_dim, seed=opts.seed)
-
-
-def settings_diff(store, attrs: dict, opts: ExtractOptions) -> list[str]:
-    """How ``store``'s identity differs from a store made with ``attrs`` and ``opts`` (its chunk rows are
-    compared only when ``--chunk-rows`` was given)."""
-    auto_rows = opts.chunk_rows is None
-    want = dict(attrs, dtype=opts.dtype, chunk_rows=store.chunk_rows if auto_rows else opts.chunk_rows)
-    return identity_diff(store.attrs, want)

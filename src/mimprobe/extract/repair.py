@@ -12,7 +12,7 @@ from mimprobe.cache_store.formats import backend_class
 from mimprobe.cache_store.layout import Layout, plan_layout
 from mimprobe.cache_store.store import TokenStore
 from mimprobe.errors import UserError
-from mimprobe.extract.options import extract_codec_params, settings_diff
+from mimprobe.extract.identity import extract_codec_params, settings_diff
 
 log = logging.getLogger("mimprobe")
 

@@ -15,7 +15,8 @@ from mimprobe.cache_store.store import TokenStore
 from mimprobe.errors import UserError, reason
 from mimprobe.extract.backbone import Backbone
 from mimprobe.extract.dataset import preprocessing_attrs
-from mimprobe.extract.options import ExtractOptions, extract_codec_params, settings_diff
+from mimprobe.extract.identity import extract_codec_params, settings_diff
+from mimprobe.extract.options import ExtractOptions
 from mimprobe.extract.repair import repair_store
 
 log = logging.getLogger("mimprobe")

@@ -1,12 +1,7 @@
-"""Probing cached tokens: a plan (heads, grids, rows), the trainers, selection, records and saved heads."""
+"""Probing cached tokens: the options (:mod:`.options`), a plan (heads, grids, rows; :mod:`.plan`), the trainers,
+selection, records (:mod:`.run`) and saved heads (:mod:`.predict`). Import from those modules; the package itself
+is :func:`mimprobe.api.probe` when called (``mimprobe.probe(train, eval, ...)``)."""
 
-from mimprobe.probe.heads import HEADS, create_head
-from mimprobe.probe.plan import ProbeOptions
-from mimprobe.probe.predict import run_predict
-from mimprobe.probe.run import run_probe
-
-__all__ = ["HEADS", "ProbeOptions", "create_head", "run_predict", "run_probe"]
-
-from mimprobe._callable import make_callable  # noqa: E402,I001  mimprobe.probe(...) is mimprobe.api.probe(...)
+from mimprobe._callable import make_callable
 
 make_callable(__name__)

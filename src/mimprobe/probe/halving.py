@@ -17,11 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mimprobe.errors import UserError
+from mimprobe.probe.options import DEFAULT_KEEP, DEFAULT_RUNGS
 
-SEARCHES = ("full", "halving")
-DEFAULT_RUNGS = (0.1, 0.25, 0.5)
-DEFAULT_KEEP = 1 / 3
 
 
 def ranking(top1: torch.Tensor, loss: torch.Tensor) -> list[int]:
@@ -33,17 +30,6 @@ def survivors(top1: torch.Tensor, loss: torch.Tensor, keep: float) -> list[int]:
     """Positions (in grid order) of the members a rung keeps: the best ``ceil(keep × n)``, at least one."""
     n = max(1, math.ceil(keep * len(top1) - 1e-9))
     return sorted(ranking(top1, loss)[:n])
-
-
-def check(search: str, rungs, keep: float) -> None:
-    """One UserError line for the first bad option."""
-    if search not in SEARCHES:
-        raise UserError(f"--grid-search {search}: choose one of {', '.join(SEARCHES)}")
-    if not rungs or any(not 0 < r < 1 for r in rungs) or list(rungs) != sorted(set(rungs)):
-        raise UserError("--halving-rungs: give increasing fractions of the schedule, each strictly between 0 and 1 "
-                        "(e.g. 0.1,0.25,0.5)")
-    if not 0 < keep < 1:
-        raise UserError(f"--keep {keep}: the fraction of members a rung keeps must be strictly between 0 and 1")
 
 
 @dataclass(frozen=True)

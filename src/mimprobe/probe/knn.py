@@ -27,14 +27,11 @@ from tqdm import tqdm
 
 from mimprobe.errors import UserError
 from mimprobe.probe.knn_bank import FeatureBank, as_bank, resolve_device
+from mimprobe.probe.options import DEFAULT_MEMORY, DINO_KS, DINO_T
 
-__all__ = ["DEFAULT_MEMORY", "DINO_KS", "DINO_T", "VOTES", "FeatureBank", "best", "block_sizes", "knn_sweep",
-           "predict", "sweep", "topk_neighbours"]
+__all__ = ["VOTES", "best", "block_sizes", "knn_sweep", "predict", "sweep", "topk_neighbours"]
 
-DINO_KS = (10, 20, 100, 200)
-DINO_T = 0.07
 VOTES = ("weighted", "majority")
-DEFAULT_MEMORY = 2 << 30  # bytes
 SIM_BYTES = 6  # per similarity-block element: the float32 similarity + the tie fall-back's sort (≤ 2 B/element)
 TOPK_BYTES = 96  # per query row and neighbour: the running top-k (12 B) and the merge's temporaries
 MIN_BANK_BLOCK = 2048  # bank rows per block below which the query block shrinks instead

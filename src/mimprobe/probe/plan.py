@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -23,71 +23,15 @@ from mimprobe.errors import UserError
 from mimprobe.probe import halving, label_free, pooling, saved, subsets
 from mimprobe.probe.feed import fits_in_memory
 from mimprobe.probe.heads import create_head, head_class, parse_spec, spec_key
-from mimprobe.probe.knn import DEFAULT_MEMORY, DINO_KS, DINO_T
+from mimprobe.probe.options import (DEFAULT_HEADS, DEFAULT_L2, DEFAULT_LRS, DEFAULT_POINT, DEFAULT_WDS, DINO_T,
+                                    ProbeOptions, validate)
 from mimprobe.probe.trainer import TrainConfig
 
 log = logging.getLogger("mimprobe")
 
-DEFAULT_HEADS = ["linear-cls", "linear-mean", "abmilp"]
-OPTIMIZERS = ("auto", "adamw", "lars", "lbfgs")
-# docs/protocol.md: the first grids (lr 1e-4..1e-2 x wd 5e-4, 5e-2) were left at an edge in most measured runs
-# (lr = max with all rows, lr = min on 10 shots): half-decades over three decades and a middle wd bracket them
-DEFAULT_LRS = {"adamw": [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2], "lars": [0.1]}
-DEFAULT_WDS = {"adamw": [5e-4, 5e-3, 5e-2], "lars": [0.0]}
-# docs/protocol.md: with an upper edge at 1, few-shot runs chose that edge in most seeds; three more decades
-# (benchmarks/l2_grid.py) gain up to 2.4 pt at 1 shot and move nothing with every row
-DEFAULT_L2 = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0]
-# the single (lr, wd) / l2 used with --val-fraction 0 and no --lr / --wd / --l2 (docs/protocol.md)
-DEFAULT_POINT = {"adamw": (1e-3, 5e-2), "lars": (0.1, 0.0), "lbfgs": 1e-3}
-MIN_STEPS = 2500  # docs/protocol.md: the floor measured so that small sets do not underfit (1000 did on CIFAR-10)
-VAL_CAP = 10_000  # validation rows drawn outside a subset, at most
 # kNN "heads": DINO's weighted kNN over parameter-free pooled features (or a saved head's pooled vector)
 KNN = {"knn-cls": ("cls",), "knn-mean": ("mean",), "knn-clsmean": ("cls", "mean")}
 KNN_DEFAULT_POINT = (20, DINO_T, "weighted")  # with --val-fraction 0 (unless a single --knn-k / --knn-t is given)
-
-
-@dataclass
-class ProbeOptions:
-    heads: list[str] = field(default_factory=list)
-    lrs: list[float] = field(default_factory=list)
-    wds: list[float] = field(default_factory=list)
-    l2: list[float] = field(default_factory=list)
-    epochs: int = 10
-    min_steps: int = MIN_STEPS
-    batch_size: int = 256
-    optimizer: str = "auto"
-    warmup_epochs: float | None = None
-    seeds: list[int] = field(default_factory=lambda: [0])
-    val_fraction: float = 0.1
-    val_from: str = "outside"
-    val_max: int = VAL_CAP
-    shots: int | None = None
-    fraction: float | None = None
-    subset: str | None = None
-    final_norm: bool = False
-    layers: list[int] = field(default_factory=list)
-    in_memory: bool | None = None
-    device: str = "auto"
-    workers: int = 0
-    allow_incomplete: bool = False
-    out: str | None = None
-    save_heads: str | None = None
-    knn_k: list[int] = field(default_factory=lambda: list(DINO_KS))
-    knn_t: list[float] = field(default_factory=lambda: [DINO_T])
-    pool_from: list[str] = field(default_factory=list)
-    memory: int = DEFAULT_MEMORY
-    checkpoint_every: float = 300.0  # seconds between grid checkpoints (with --out), 0 = every epoch
-    quiet: bool = False
-    # --online DATA: SGD heads train on tokens the backbone computes in the loop from DATA (probe/online.py)
-    online: str | None = None
-    online_augment: bool = True
-    # with a --views store: the center crop is one more view to draw from (docs/protocol.md, "What the cache costs")
-    center_view: bool = False
-    # how the SGD heads' (lr, wd) grid is searched: every member for the whole schedule, or successive halving
-    # (probe/halving.py; docs/protocol.md, "Successive halving")
-    grid_search: str = "full"
-    halving_rungs: list[float] = field(default_factory=lambda: list(halving.DEFAULT_RUNGS))
-    keep: float = halving.DEFAULT_KEEP
 
 
 @dataclass(frozen=True)
@@ -164,26 +108,8 @@ class ProbePlan:
 
 
 def validate_options(opts: ProbeOptions) -> None:
-    """Every check of the options alone (no store opened): one UserError line for the first problem."""
-    if opts.optimizer not in OPTIMIZERS:
-        raise UserError(f"--optimizer {opts.optimizer}: choose one of {', '.join(OPTIMIZERS)}")
-    if opts.epochs <= 0 or opts.batch_size <= 0 or opts.min_steps < 0:
-        raise UserError("--epochs and --batch-size must be positive, --min-steps non-negative")
-    if sum(x is not None for x in (opts.shots, opts.fraction, opts.subset)) > 1:
-        raise UserError("--shots, --fraction and --subset are alternatives: give one")
-    if not opts.seeds:
-        raise UserError("--seeds: give at least one seed")
-    if any(lr <= 0 for lr in opts.lrs) or any(wd < 0 for wd in opts.wds) or any(c <= 0 for c in opts.l2):
-        raise UserError("--lr and --l2 values must be positive, --wd values non-negative")
-    if opts.optimizer == "lbfgs" and len(opts.lrs) > 1:
-        raise UserError("--lr: --optimizer lbfgs has no learning rate (its fits do not depend on one); give the L2 "
-                        "grid with --l2")
-    subsets.check_fraction(opts.val_fraction)
-    halving.check(opts.grid_search, opts.halving_rungs, opts.keep)
-    if opts.val_from not in subsets.VAL_FROM:
-        raise UserError(f"--val-from {opts.val_from}: choose outside or subset")
-    if any(k <= 0 for k in opts.knn_k) or any(t <= 0 for t in opts.knn_t) or not opts.knn_k or not opts.knn_t:
-        raise UserError("--knn-k and --knn-t: give positive values")
+    """Every check of the options (:func:`~mimprobe.probe.options.validate`) and of the saved heads they name."""
+    validate(opts)
     for d in opts.pool_from:
         saved.head_dir(d, "--pool-from")
 
@@ -222,6 +148,14 @@ def _blocks(layers: list[int], train: TokenStore) -> tuple[list[str], list[int],
     return [train.block_array(b) for b in blocks], blocks, blocks.index(last), ",".join(str(b - nb) for b in blocks)
 
 
+def check_lbfgs(spec: str) -> None:
+    """``--optimizer lbfgs`` fits linear heads only: one line for any other head."""
+    kind = parse_spec(spec)[0]
+    if head_class(kind).features is None:
+        raise UserError(f"--optimizer lbfgs fits linear heads only (linear-cls, linear-mean, linear-clsmean), "
+                        f"not {spec}; use --optimizer auto, adamw or lars")
+
+
 def _trainer(kind: str, opts: ProbeOptions, lbfgs_ok: bool) -> str:
     if kind in KNN or kind == "knn-head":
         return "knn"
@@ -230,9 +164,7 @@ def _trainer(kind: str, opts: ProbeOptions, lbfgs_ok: bool) -> str:
         raise UserError(f"--head {kind}: a label-free head's classifier is fitted by L-BFGS on features pooled once, "
                         "in one process, on a store without --views; use --optimizer auto or lbfgs there")
     if opts.optimizer == "lbfgs":
-        if not linear:
-            raise UserError(f"--optimizer lbfgs fits linear heads only (linear-cls, linear-mean, linear-clsmean), "
-                            f"not {kind}; use --optimizer auto, adamw or lars")
+        check_lbfgs(kind)
         if not lbfgs_ok:
             raise UserError("--optimizer lbfgs fits full batch in one process, on a store without --views, when the "
                             "pooled features fit in memory; use adamw or lars here")
@@ -246,11 +178,7 @@ def _grids(opts: ProbeOptions, sgd_opt: str) -> tuple[list[float], list[float], 
     lrs = opts.lrs or ([] if explicit_lbfgs else DEFAULT_LRS[sgd_opt])
     wds = [] if explicit_lbfgs else (opts.wds or DEFAULT_WDS[sgd_opt])
     l2 = opts.l2 or (opts.wds if explicit_lbfgs else []) or DEFAULT_L2
-    if opts.val_fraction == 0:
-        if len(lrs) > 1 and opts.lrs or len(wds) > 1 and opts.wds or len(l2) > 1 and (opts.l2 or explicit_lbfgs
-                                                                                       and opts.wds):
-            raise UserError("--val-fraction 0 leaves nothing to choose a grid point on: give a single --lr and --wd "
-                            "(and --l2), or none for the documented default point")
+    if opts.val_fraction == 0:  # a single --lr / --wd / --l2 at most (validate)
         point = DEFAULT_POINT[sgd_opt]
         lrs = lrs if opts.lrs else [point[0]]
         wds = wds if opts.wds and not explicit_lbfgs else [point[1]]

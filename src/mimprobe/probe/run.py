@@ -8,7 +8,6 @@ once on the eval store, and write one record per head.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -26,7 +25,9 @@ from mimprobe.probe.feed import Feeder
 from mimprobe.probe.halving import ranking
 from mimprobe.probe.lbfgs import fit_lbfgs
 from mimprobe.probe.metrics import rankme
-from mimprobe.probe.plan import KNN_DEFAULT_POINT, HeadPlan, ProbeOptions, ProbePlan, Split, make_plan
+from mimprobe.options import result_fields
+from mimprobe.probe.options import DINO_T, ProbeOptions
+from mimprobe.probe.plan import KNN_DEFAULT_POINT, HeadPlan, ProbePlan, Split, make_plan
 from mimprobe.probe.pooled import Pooled, pool_rows, pool_with
 from mimprobe.probe.predictions import TOP, Predictions, file_name
 from mimprobe.probe.records import make_record
@@ -65,9 +66,6 @@ def run_probe(train_path: str, eval_path: str, opts: ProbeOptions) -> list[dict]
     return records
 
 
-RUN_INDEPENDENT = ("out", "quiet", "workers", "device", "in_memory", "checkpoint_every", "save_heads")
-
-
 def resume_dir(plan: ProbePlan) -> str | None:
     """Where a run with ``--out`` keeps what a re-run of the same command resumes from: the records of finished
     seeds and the checkpoint of the grid in training (``OUT.resume/<identity of the run>/``)."""
@@ -83,8 +81,7 @@ def preds_path(plan: ProbePlan, head: str, seed: int) -> str | None:
 
 def run_identity(plan: ProbePlan) -> str:
     """A hash of everything that decides a run's results (options, stores, model)."""
-    o = plan.opts
-    ident = {k: v for k, v in dataclasses.asdict(o).items() if k not in RUN_INDEPENDENT}
+    ident = result_fields(plan.opts)
     for name, store in (("train", plan.train), ("eval", plan.eval)):
         ident[name] = [os.path.abspath(store.path) if "://" not in store.path else store.path,
                        store.attrs.get("dataset", {}).get("content_hash"), store.attrs["model"]]
@@ -333,10 +330,10 @@ def _run_knn(plan: ProbePlan, split: Split, head: HeadPlan, pooled: tuple[Pooled
     c = points[chosen]
     queries = knn.FeatureBank(peval.matrix(feats, block), peval.y)
     sims, idx = knn.topk_neighbours(queries, bank, c["k"], **common)
-    (m,) = knn.sweep(sims, bank.labels[idx], queries.labels, [c["k"]], [c["t"] or knn.DINO_T], plan.num_classes,
+    (m,) = knn.sweep(sims, bank.labels[idx], queries.labels, [c["k"]], [c["t"] or DINO_T], plan.num_classes,
                      votes=[c["vote"]], memory_bytes=o.memory)
     top, score = knn.predict(sims, bank.labels[idx], plan.num_classes, k=c["k"], vote=c["vote"],
-                             temperature=c["t"] or knn.DINO_T, top=TOP, memory_bytes=o.memory)
+                             temperature=c["t"] or DINO_T, top=TOP, memory_bytes=o.memory)
     top[score <= 0] = -1  # classes no neighbour voted for are no prediction (as the sweep scores top-5)
     t_end = time.perf_counter()
     return Outcome(head=None, points=points, val_top1=val, chosen=chosen,

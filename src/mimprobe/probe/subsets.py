@@ -55,8 +55,6 @@ def usable_rows(store: TokenStore, allow_incomplete: bool = False, labelled: boo
 
 def shots(rows: np.ndarray, labels: np.ndarray, k: int, seed: int, store_path: str = "") -> np.ndarray:
     """Exactly ``k`` rows per class, drawn with ``seed``."""
-    if k <= 0:
-        raise UserError(f"--shots {k}: must be positive")
     rng = np.random.default_rng([seed, 17])
     y = labels[rows]
     out = []
@@ -71,8 +69,6 @@ def shots(rows: np.ndarray, labels: np.ndarray, k: int, seed: int, store_path: s
 
 def fraction(rows: np.ndarray, labels: np.ndarray, f: float, seed: int) -> np.ndarray:
     """A stratified fraction ``f`` of ``rows`` (sklearn's stratified split), at least one per class."""
-    if not 0 < f <= 1:
-        raise UserError(f"--fraction {f}: must be in (0, 1]")
     if f == 1:
         return np.sort(rows)
     y = labels[rows]
@@ -114,7 +110,6 @@ def val_split(rows: np.ndarray, labels: np.ndarray, f: float, seed: int) -> tupl
     """(train rows, val rows): a stratified, seeded fraction ``f`` of ``rows`` held out for choosing (lr, wd)."""
     if f == 0:
         return np.sort(rows), np.empty(0, dtype=rows.dtype)
-    check_fraction(f)
     y = labels[rows]
     counts = np.bincount(y)
     n_classes = int((counts > 0).sum())
@@ -127,14 +122,6 @@ def val_split(rows: np.ndarray, labels: np.ndarray, f: float, seed: int) -> tupl
     return np.sort(tr), np.sort(va)
 
 
-def check_fraction(f: float) -> None:
-    if not 0 <= f < 1:
-        raise UserError(f"--val-fraction {f}: must be in [0, 1)")
-
-
-VAL_FROM = ("outside", "subset")
-
-
 def validation(usable: np.ndarray, labels: np.ndarray, sub: Subset, f: float, seed: int, where: str = "outside",
                cap: int | None = None) -> tuple[np.ndarray, np.ndarray, str]:
     """(training rows, validation rows, where they came from) for one seed.
@@ -143,14 +130,11 @@ def validation(usable: np.ndarray, labels: np.ndarray, sub: Subset, f: float, se
     training rows is held out (:func:`val_split`). With a subset and ``where == "outside"``, the subset trains
     whole and ``round(f · len(usable))`` rows (at most ``cap``) are drawn, stratified and seeded, from the usable
     rows outside it."""
-    if where not in VAL_FROM:
-        raise UserError(f"--val-from {where}: choose outside or subset")
     if f == 0:
         return np.sort(sub.rows), np.empty(0, dtype=np.int64), "none"
     if sub.kind == "all" or where == "subset":
         tr, va = val_split(sub.rows, labels, f, seed)
         return tr, va, "the training rows (stratified split)" if sub.kind == "all" else "the subset (stratified split)"
-    check_fraction(f)
     outside = np.setdiff1d(usable, sub.rows)
     n = int(round(f * len(usable)))
     if cap is not None:

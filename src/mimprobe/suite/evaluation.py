@@ -118,19 +118,16 @@ def evaluate_all(plan: SuitePlan, ctx, quiet, say, outcome) -> None:
 
 
 def _probe(plan: SuitePlan, g: Group, stores, quiet: bool) -> list[dict]:
-    from mimprobe.probe import ProbeOptions, run_probe
+    from mimprobe.probe.options import ProbeOptions
+    from mimprobe.probe.run import run_probe
 
     s, c = plan.suite, g.first
     save = None
     if c.evaluation.save_heads:
         safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in c.trainset.label)
         save = os.path.join(s.out, "heads", c.model.name, c.dataset.name, c.evaluation.name, safe)
-    run = s.probe
     opts = ProbeOptions(heads=list(g.heads), seeds=list(g.seeds), **c.evaluation.probe, **c.trainset.probe_kwargs(),
-                        device=s.device, workers=run.get("workers", 0), in_memory=run.get("in_memory"),
-                        checkpoint_every=run.get("checkpoint_every", 300.0),
-                        **({"memory": run["memory"]} if "memory" in run else {}),
-                        out=_scratch(s, g), save_heads=save, quiet=quiet)
+                        **s.probe, device=s.device, out=_scratch(s, g), save_heads=save, quiet=quiet)
     return run_probe(stores[0].path, stores[1].path, opts)
 
 

@@ -44,19 +44,22 @@ def _write_json(path: str, obj) -> None:
 
 
 def _extract_options(plan: SuitePlan, sp, quiet: bool):
-    from mimprobe.extract import ExtractOptions
+    from mimprobe.extract.options import ExtractOptions
 
-    s, m, ex = plan.suite, sp.model, plan.suite.extract
-    return ExtractOptions(
-        checkpoint=m.checkpoint, checkpoint_key=m.checkpoint_key, pretrained=m.pretrained, img_size=m.img_size,
-        crop_pct=m.crop_pct, dtype=m.dtype, format=s.format, batch_size=m.batch_size or ex.get("batch_size", 64),
-        workers=ex.get("workers"), device=s.device, limit=sp.limit, seed=ex.get("seed", 0),
-        chunk_rows=ex.get("chunk_rows"), layers=list(m.layers), views=m.views, skip_bad=ex.get("skip_bad", False),
-        quiet=quiet, image_column=sp.dataset.image_column, label_column=sp.dataset.label_column)
+    from mimprobe.options import suite_keys
+
+    s, m, d = plan.suite, sp.model, sp.dataset
+    model = {f: getattr(m, f) for f in suite_keys(ExtractOptions, "models").values()}
+    model["layers"] = list(m.layers)
+    if m.batch_size is None:  # the model's own batch size, else [extract]'s
+        model.pop("batch_size")
+    dataset = {f: getattr(d, f) for f in suite_keys(ExtractOptions, "datasets").values()}
+    return ExtractOptions(**{**s.extract, **model, **dataset}, format=s.format, device=s.device, limit=sp.limit,
+                          quiet=quiet)
 
 
 def extract_all(plan, ctx, store_index, verify, disk_check, quiet, say, outcome) -> None:
-    from mimprobe.extract import extract
+    from mimprobe.extract.runner import extract
 
     suite = plan.suite
     if store_index is not None and not 0 <= store_index < len(plan.stores):

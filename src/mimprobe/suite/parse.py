@@ -10,34 +10,32 @@ from __future__ import annotations
 
 import os
 
+from mimprobe.checks import Bad, a_bool, a_list, a_str, an_int
 from mimprobe.errors import UserError
-from mimprobe.suite.checks import Bad, a_bool, a_float, a_list, a_size, a_str, an_int, one_of
-from mimprobe.suite.spec import (DEVICES, FORMATS, NAME_RE, PROBE_KEYS, DatasetSpec, EvalSpec, ModelSpec, Suite,
-                                 SuiteInvalid, TrainSet)
+from mimprobe.extract.options import ExtractOptions
+from mimprobe.options import checker, suite_keys, suite_schema
+from mimprobe.probe.options import ProbeOptions
+from mimprobe.suite.spec import NAME_RE, DatasetSpec, EvalSpec, ModelSpec, Suite, SuiteInvalid, TrainSet
 
-TOP = {"name": a_str, "stores": a_str, "out": a_str, "format": one_of(*FORMATS), "device": a_str,
-       "extract": None, "probe": None, "slurm": None, "models": None, "datasets": None, "evaluations": None}
-EXTRACT = {"batch_size": an_int(1), "workers": an_int(0), "chunk_rows": an_int(1), "skip_bad": a_bool, "seed": an_int()}
-PROBE_RUN = {"workers": an_int(0), "in_memory": a_bool, "checkpoint_every": a_float(0), "memory": a_size}
+# every option a suite sets has its check where the option is declared (probe/options.py, extract/options.py)
+TOP = {"name": a_str, "stores": a_str, "out": a_str, "format": checker(ExtractOptions, "format"),
+       "device": checker(ProbeOptions, "device"), "extract": None, "probe": None, "slurm": None, "models": None,
+       "datasets": None, "evaluations": None}
+EXTRACT = suite_schema(ExtractOptions, "extract")
+PROBE_RUN = suite_schema(ProbeOptions, "probe")
 SLURM = {"nodes": an_int(1), "gpus_per_node": an_int(0), "cpus_per_task": an_int(1), "time": a_str, "partition": a_str,
          "account": a_str, "setup": a_list(a_str, allow_empty=True), "sbatch": a_list(a_str, allow_empty=True),
          "port": an_int(1024)}
-MODEL = {"name": a_str, "timm": a_str, "checkpoint": a_str, "checkpoint_key": a_str, "pretrained": a_bool,
-         "img_size": an_int(1), "crop_pct": a_float(0, 1, lo_open=True), "dtype": None, "codec": None, "layers": a_list(an_int()),
-         "views": an_int(0), "batch_size": an_int(1)}
+MODEL = {"name": a_str, "timm": a_str, **suite_schema(ExtractOptions, "models")}
+MODEL["dtype"] = MODEL["codec"]  # the older name of codec
 DATASET = {"name": a_str, "train": a_str, "eval": a_str, "train_limit": an_int(1), "eval_limit": an_int(1),
-           "image_column": a_str, "label_column": a_str}
-EVAL = {"name": a_str, "heads": None, "lr": a_list(a_float(0, lo_open=True)), "wd": a_list(a_float(0)),
-        "l2": a_list(a_float(0, lo_open=True)), "epochs": an_int(1), "min_steps": an_int(0), "batch_size": an_int(1),
-        "optimizer": None, "warmup_epochs": a_float(0), "val_fraction": a_float(0, 1, hi_open=True),
-        "val_from": one_of("outside", "subset"), "val_max": an_int(1), "final_norm": a_bool,
-        "layers": a_list(an_int()), "knn_k": a_list(an_int(1)), "knn_t": a_list(a_float(0, lo_open=True)),
-        "grid_search": one_of("full", "halving"), "halving_rungs": a_list(a_float(0, 1, lo_open=True, hi_open=True)),
-        "keep": a_float(0, 1, lo_open=True, hi_open=True),
-        "full": a_bool, "shots": a_list(an_int(1), unique=True),
-        "fractions": a_list(a_float(0, 1, lo_open=True, hi_open=True), unique=True),
-        "subsets": a_list(a_str, unique=True), "seeds": a_list(an_int(0), unique=True),
+           **suite_schema(ExtractOptions, "datasets")}
+EVAL = {"name": a_str, "heads": None, **suite_schema(ProbeOptions, "evaluations"),
+        "full": a_bool, "shots": a_list(checker(ProbeOptions, "shots"), unique=True),
+        "fractions": a_list(checker(ProbeOptions, "fraction"), unique=True),
+        "subsets": a_list(a_str, unique=True), "seeds": checker(ProbeOptions, "seeds"),
         "models": a_list(a_str, unique=True), "datasets": a_list(a_str, unique=True), "save_heads": a_bool}
+PROBE_KEYS = suite_keys(ProbeOptions, "evaluations")  # suite key → ProbeOptions field
 
 
 class _Collector:
@@ -145,17 +143,7 @@ def _check_data(data: str) -> str | None:
 
 
 def _model(c: _Collector, label: str, raw: dict, base: str) -> ModelSpec | None:
-    from mimprobe.cache_store.codecs import extractable
-    from mimprobe.errors import UserError
-
     t = c.table(raw, MODEL, label)
-    for key in ("codec", "dtype"):  # codec = "int4r+prefix": what `extract --codec` writes
-        if key in t:
-            try:
-                extractable(t[key])
-            except UserError as e:
-                c.add(label, f"{key} {t[key]!r}: {str(e).split(': ', 1)[-1]}")
-                t.pop(key)
     if "codec" in t:
         t["dtype"] = t.pop("codec")
     ok = True
@@ -249,8 +237,8 @@ def _heads(c: _Collector, label: str, raw) -> tuple[str, ...] | None:
 
 
 def _evaluation(c: _Collector, label: str, raw: dict, base: str, models: set, datasets: set) -> EvalSpec | None:
-    from mimprobe.probe.heads import head_class, parse_spec
-    from mimprobe.probe.plan import KNN, OPTIMIZERS
+    from mimprobe.probe.options import validate
+    from mimprobe.probe.plan import KNN, check_lbfgs
 
     t = c.table(raw, EVAL, label)
     ok = len(t) == len(raw)
@@ -261,23 +249,16 @@ def _evaluation(c: _Collector, label: str, raw: dict, base: str, models: set, da
     else:
         heads = _heads(c, label, t["heads"])
         ok = ok and heads is not None
-    if "optimizer" in t:
-        if t["optimizer"] not in OPTIMIZERS:
-            c.add(label, f"optimizer {t['optimizer']!r}: choose one of {', '.join(OPTIMIZERS)}")
+    if ok:  # what the options say together, checked as the command line checks them
+        try:
+            validate(ProbeOptions(**{PROBE_KEYS[k]: v for k, v in t.items() if k in PROBE_KEYS}))
+            if t.get("optimizer") == "lbfgs":
+                for h in heads:
+                    if h not in KNN:
+                        check_lbfgs(h)
+        except UserError as e:
+            c.add(label, str(e))
             ok = False
-        elif t["optimizer"] == "lbfgs" and heads:
-            bad = [h for h in heads if h not in KNN and head_class(parse_spec(h)[0]).features is None]
-            if bad:
-                c.add(label, f"optimizer lbfgs fits linear heads only, not {', '.join(bad)}")
-                ok = False
-            if len(t.get("lr", ())) > 1:
-                c.add(label, "lr: optimizer lbfgs has no learning rate; give the L2 grid with l2")
-                ok = False
-    if t.get("val_fraction") == 0:
-        for key in ("lr", "wd", "l2"):
-            if len(t.get(key, ())) > 1:
-                c.add(label, f"{key}: val_fraction 0 leaves nothing to choose a grid point on: give one value")
-                ok = False
     for key, known, section in (("models", models, "models"), ("datasets", datasets, "datasets")):
         for name in t.get(key, ()):
             if name not in known:
@@ -331,8 +312,6 @@ def load_suite(path: str) -> Suite:
     base = os.path.dirname(path)
     c = _Collector(path)
     top = c.table(raw, TOP, "")
-    if "device" in top and top["device"] not in DEVICES and not top["device"].startswith("cuda:"):
-        c.add("", f"device {top['device']!r}: choose auto, cpu or cuda")
     sections = {}
     for key, schema in (("extract", EXTRACT), ("probe", PROBE_RUN), ("slurm", SLURM)):
         sections[key] = c.table(raw[key], schema, f"[{key}]") if key in raw else {}

@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 from mimprobe.errors import UserError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
-FORMATS = ("zarr", "hdf5")
-DEVICES = ("auto", "cpu", "cuda")
 
 
 class SuiteInvalid(UserError):
@@ -101,13 +99,8 @@ class TrainSet:
         return d
 
 
-# ProbeOptions fields an evaluation may set, with the suite key that sets them; together with the heads, the
-# training set and the seed they make an evaluation cell (the others are run options: device, workers, ...)
-PROBE_KEYS = {"lr": "lrs", "wd": "wds", "l2": "l2", "epochs": "epochs", "min_steps": "min_steps",
-              "batch_size": "batch_size", "optimizer": "optimizer", "warmup_epochs": "warmup_epochs",
-              "val_fraction": "val_fraction", "val_from": "val_from", "val_max": "val_max",
-              "final_norm": "final_norm", "layers": "layers", "knn_k": "knn_k", "knn_t": "knn_t",
-              "grid_search": "grid_search", "halving_rungs": "halving_rungs", "keep": "keep"}
+# the ProbeOptions fields an evaluation sets (declared with suite="evaluations.KEY" in probe/options.py), with the
+# heads, the training set and the seed, make an evaluation cell (the others are run options: device, workers, ...)
 KNN_FIELDS = ("knn_k", "knn_t")
 HALVING_FIELDS = ("grid_search", "halving_rungs", "keep")  # in a cell's identity only when it searches by halving
 
@@ -131,10 +124,11 @@ class EvalSpec:
 
     def options(self) -> dict:
         """Every ProbeOptions field of the spec, defaults filled in (the kNN ones only with kNN heads)."""
-        from mimprobe.probe import ProbeOptions
+        from mimprobe.options import suite_keys
+        from mimprobe.probe.options import ProbeOptions
 
         base = ProbeOptions()
-        out = {f: getattr(base, f) for f in PROBE_KEYS.values()}
+        out = {f: getattr(base, f) for f in suite_keys(ProbeOptions, "evaluations").values()}
         out.update(self.probe)
         if not self.knn_heads:
             for f in KNN_FIELDS:

@@ -1,6 +1,9 @@
-"""Value checkers of the suite file: each returns the normalised value or raises ``Bad(message)``."""
+"""Value checkers of options (declared in :mod:`mimprobe.options`) and suite files: each returns the normalised
+value or raises ``Bad(message)``."""
 
 from __future__ import annotations
+
+import os
 
 
 class Bad(Exception):
@@ -40,16 +43,22 @@ def a_bool(v):
 
 
 def a_str(v):
+    """A non-empty string (a path object counts: the Python API takes them)."""
+    if isinstance(v, os.PathLike):
+        v = os.fspath(v)
     if not isinstance(v, str) or not v.strip():
         raise Bad(f"expected a non-empty string, got {v!r}")
     return v.strip()
 
 
-def one_of(*choices):
+def one_of(*choices, prefix: str | None = None):
+    """One of ``choices`` (or, with ``prefix``, any string starting with it, e.g. ``cuda:1``)."""
+
     def check(v):
         v = a_str(v)
-        if v not in choices:
-            raise Bad(f"{v!r}: choose one of {', '.join(choices)}")
+        if v not in choices and not (prefix and v.startswith(prefix)):
+            also = f" or {prefix}N" if prefix else ""
+            raise Bad(f"{v!r}: choose one of {', '.join(choices)}{also}")
         return v
 
     return check

@@ -18,7 +18,7 @@ from mimprobe.probe.halving import Halving, SearchState, survivors
 from mimprobe.probe.heads import parse_spec
 from mimprobe.probe.trainer import GridCheckpoint, TrainConfig, build_heads, train_grid
 
-TOKEN_HEADS = [k for k, h in HEADS.items() if h.features is None]
+TOKEN_HEADS = [k for k, h in HEADS.items() if h.features is None and not h.knn]
 SMALL_SPEC = {"ep": "ep:queries=4"}
 # Survivors against the full grid run in float64: cutting members changes the size of some batched products, and
 # BLAS may sum them in another order for another size (docs/protocol.md, "Successive halving"); in float32 that

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from conftest import Float64Codec, one_token_task, synthetic_store
 from mimprobe.cache_store import TokenStore
 from mimprobe.errors import UserError
-from mimprobe.probe.heads import HEADS, create_head
+from mimprobe.probe.heads import HEADS as REGISTRY
+from mimprobe.probe.heads import create_head
 from mimprobe.probe.options import ProbeOptions
 from mimprobe.probe.predict import run_predict
 from mimprobe.probe.run import run_probe
@@ -26,6 +27,7 @@ from mimprobe.probe.trainer import TrainConfig, build_heads, train_grid
 
 pytestmark = pytest.mark.numerics  # rerun by .ci/run on the default CPU path
 
+HEADS = {k: c for k, c in REGISTRY.items() if not c.knn}  # the trained heads (kNN heads: tests/test_knn*.py)
 TOKEN_HEADS = [k for k, h in HEADS.items() if h.features is None]
 
 

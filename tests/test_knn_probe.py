@@ -74,3 +74,16 @@ def test_knn_errors(digits_stores, cli, tmp_path):
                           (["--memory", "lots"], "--memory")):
         code, _, err = cli("probe", train_p, test_p, "--head", "knn-mean", *extra, "--quiet")
         one_line_error(code, err, expect)
+
+
+def test_knn_heads_are_in_the_one_registry(cli):
+    """kNN heads are registered heads like the trained ones (one table, one spec parser); the saved-head kNN is made
+    by --pool-from only, and asking for it by name says so in one line."""
+    from mimprobe.probe.heads import HEADS, parse_spec
+    from mimprobe.probe.heads.catalog import head_rows
+
+    assert {"knn-cls", "knn-mean", "knn-clsmean"} <= {k for k, c in HEADS.items() if c.knn}
+    assert parse_spec("knn-mean") == ("knn-mean", {})
+    assert "knn-mean" in {r["head"] for r in head_rows()} and "knn-head" not in {r["head"] for r in head_rows()}
+    code, _, err = cli("probe", "a.zarr", "b.zarr", "--head", "knn-head")
+    assert code == 2 and "--pool-from" in err and "Traceback" not in err, err

@@ -57,7 +57,7 @@ def _by_head(records):
 
 
 # label-free heads are refused with --online (their pooler is fitted on the cached train store first)
-@pytest.mark.parametrize("heads", [[k for k, h in REGISTERED.items() if not h.label_free], ["linear-cls", "linear-mean"]],
+@pytest.mark.parametrize("heads", [[k for k, h in REGISTERED.items() if not (h.label_free or h.knn)], ["linear-cls", "linear-mean"]],
                          ids=["every-head", "pooled-once"])
 def test_no_augment_equals_the_center_crop_cache(data, heads):
     """Every registered head, and linear heads alone (the cached run then trains on features pooled once)."""

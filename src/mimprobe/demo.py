@@ -1,4 +1,4 @@
-"""`mimprobe demo`: the whole pipeline on the built-in procedural dataset, offline, in a few minutes on a CPU.
+"""`mimprobe demo`: its options (:class:`DemoOptions`, declared as every command's are) and the whole pipeline on the built-in procedural dataset, offline, in a few minutes on a CPU.
 
 Extract train and eval sets with a small ViT, probe [cls], mean pooling, AbMILP and an attentive head with a
 small lr grid, then write the comparison table, a bar chart and AbMILP heatmaps. With the default random-init
@@ -12,13 +12,10 @@ import logging
 import os
 from dataclasses import dataclass
 
-from mimprobe.extract.options import ExtractOptions
-
-from mimprobe.extract.runner import extract
+from mimprobe.checks import a_bool, a_str, an_int
+from mimprobe.extract.options import ExtractOptions, a_device
+from mimprobe.options import check_fields, option
 from mimprobe.probe.options import ProbeOptions
-from mimprobe.probe.run import run_probe
-from mimprobe.probe.results import format_table
-from mimprobe.report import build_table, plot_table, render
 
 log = logging.getLogger("mimprobe")
 
@@ -28,20 +25,21 @@ DEMO_HEADS = ["linear-cls", "linear-mean", "abmilp", "attentive"]
 
 @dataclass
 class DemoOptions:
-    out: str = "mimprobe-demo"
-    model: str = DEMO_MODEL
-    checkpoint: str | None = None
-    pretrained: bool = False
-    img_size: int = 128
-    train_size: int = 2000
-    eval_size: int = 500
-    epochs: int = 10
-    min_steps: int = 1000  # the default floor is 2500; the demo's task is learnt well before (README)
-    lrs: tuple[float, ...] = (1e-3, 3e-3)
-    wds: tuple[float, ...] = (5e-4,)
-    heatmaps: int = 8
-    device: str = "auto"
-    quiet: bool = False
+    out: str = option("mimprobe-demo", "output directory (stores, results, table, plots)", check=a_str)
+    model: str = option(DEMO_MODEL, "timm model name", check=a_str)
+    checkpoint: str | None = option(None, "local weights for MODEL", check=a_str)
+    pretrained: bool = option(False, "hub weights for MODEL (default: random init, works offline)", check=a_bool)
+    img_size: int = option(128, "demo images are 128 px: an 8x8 grid of 16 px cells", check=an_int(16))
+    train_size: int = option(2000, "train images", check=an_int(10))
+    eval_size: int = option(500, "eval images", check=an_int(10))
+    epochs: int = option(10, "training epochs", check=an_int(1))
+    # the default floor is 2500; the demo's task is learnt well before (README)
+    min_steps: int = option(1000, "train at least this many optimizer steps", check=an_int(0), cli=False)
+    lrs: list[float] = option([1e-3, 3e-3], "learning rates", kind="list", item=float, cli=False)
+    wds: list[float] = option([5e-4], "weight decays", kind="list", item=float, cli=False)
+    heatmaps: int = option(8, "AbMILP heatmaps of this many eval images (0: none)", check=an_int(0))
+    device: str = option("auto", "auto | cpu | cuda", check=a_device)
+    quiet: bool = option(False, "no progress bars or notes", check=a_bool)
 
 
 def weights_label(opts: DemoOptions) -> str:
@@ -52,6 +50,12 @@ def weights_label(opts: DemoOptions) -> str:
 
 def run_demo(opts: DemoOptions, echo=print) -> dict:
     """Run every step; returns the paths written and the records."""
+    from mimprobe.extract.runner import extract
+    from mimprobe.probe.results import format_table
+    from mimprobe.probe.run import run_probe
+    from mimprobe.report import build_table, plot_table, render
+
+    check_fields(opts)
     os.makedirs(opts.out, exist_ok=True)
     echo(f"mimprobe demo: {opts.model} with {weights_label(opts)}, {opts.img_size}px, "
          f"{opts.train_size} train / {opts.eval_size} eval images → {opts.out}")

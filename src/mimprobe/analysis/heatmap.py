@@ -66,7 +66,7 @@ def backbone_for_head(config: dict, checkpoint: str | None = None, head_dir: str
 
 def has_attention(head: GridHead | type) -> bool:
     cls = head if isinstance(head, type) else type(head)
-    return cls.attention is not GridHead.attention
+    return issubclass(cls, GridHead) and cls.attention is not GridHead.attention
 
 
 def head_attention(headset: HeadSet, key: str, tokens: torch.Tensor,

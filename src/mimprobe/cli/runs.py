@@ -7,30 +7,18 @@ from typing import Optional
 import typer
 
 from mimprobe.cli.app import _quiet, app
+from mimprobe.demo import DemoOptions
 from mimprobe.errors import UserError
+from mimprobe.options import command
 
 
-@app.command()
-def demo(
-    out: str = typer.Option("mimprobe-demo", help="output directory (stores, results, table, plots)"),
-    model: str = typer.Option("vit_tiny_patch16_224", help="timm model name"),
-    checkpoint: Optional[str] = typer.Option(None, help="local weights for MODEL"),
-    pretrained: bool = typer.Option(False, help="hub weights for MODEL (default: random init, works offline)"),
-    img_size: int = typer.Option(128, help="demo images are 128 px: an 8x8 grid of 16 px cells"),
-    train_size: int = typer.Option(2000),
-    eval_size: int = typer.Option(500),
-    epochs: int = typer.Option(10),
-    heatmaps: int = typer.Option(8, help="AbMILP heatmaps of this many eval images (0: none)"),
-    device: str = typer.Option("auto"),
-    quiet: bool = typer.Option(False),
-):
+@command(app, DemoOptions)
+def demo(opts):
     """The whole pipeline offline in minutes: extract, probe [cls] / mean / AbMILP / attentive, report."""
-    from mimprobe.demo import DemoOptions, run_demo
+    from mimprobe.demo import run_demo
 
-    _quiet(quiet)
-    run_demo(DemoOptions(out=out, model=model, checkpoint=checkpoint, pretrained=pretrained, img_size=img_size,
-                         train_size=train_size, eval_size=eval_size, epochs=epochs, heatmaps=heatmaps,
-                         device=device, quiet=quiet), echo=typer.echo)
+    _quiet(opts.quiet)
+    run_demo(opts, echo=typer.echo)
 
 
 @app.command()

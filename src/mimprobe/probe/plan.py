@@ -29,8 +29,6 @@ from mimprobe.probe.trainer import TrainConfig
 
 log = logging.getLogger("mimprobe")
 
-# kNN "heads": DINO's weighted kNN over parameter-free pooled features (or a saved head's pooled vector)
-KNN = {"knn-cls": ("cls",), "knn-mean": ("mean",), "knn-clsmean": ("cls", "mean")}
 KNN_DEFAULT_POINT = (20, DINO_T, "weighted")  # with --val-fraction 0 (unless a single --knn-k / --knn-t is given)
 
 
@@ -44,13 +42,16 @@ class HeadPlan:
 
     @property
     def label_free(self) -> bool:
-        return self.trainer != "knn" and head_class(self.kind).label_free
+        return head_class(self.kind).label_free
 
     @property
     def features(self) -> tuple[str, ...] | None:
-        if self.kind in KNN:
-            return KNN[self.kind]
-        return None if self.kind == "knn-head" else head_class(self.kind).features
+        return head_class(self.kind).features
+
+    @property
+    def from_saved(self) -> bool:
+        """kNN over the pooled vector of a saved head (``--pool-from``)."""
+        return getattr(head_class(self.kind), "from_saved", False)
 
 
 @dataclass(frozen=True)
@@ -119,12 +120,9 @@ def _resolve_heads(opts: ProbeOptions, train: TokenStore, has_cls: bool) -> list
     specs = opts.heads or DEFAULT_HEADS
     out = {}
     for spec in specs:
-        if spec in KNN:
-            kind, options, key, needs_cls = spec, {}, spec, "cls" in KNN[spec]
-        else:
-            kind, options = parse_spec(spec)
-            key = spec_key(kind, options)
-            needs_cls = head_class(kind).needs_cls
+        kind, options = parse_spec(spec)
+        key = spec_key(kind, options)
+        needs_cls = head_class(kind).needs_cls
         if needs_cls and not has_cls:
             if opts.heads:
                 m = train.attrs["model"]
@@ -157,7 +155,7 @@ def check_lbfgs(spec: str) -> None:
 
 
 def _trainer(kind: str, opts: ProbeOptions, lbfgs_ok: bool) -> str:
-    if kind in KNN or kind == "knn-head":
+    if head_class(kind).knn:
         return "knn"
     linear = head_class(kind).features is not None
     if head_class(kind).label_free and (opts.optimizer not in ("auto", "lbfgs") or not lbfgs_ok):
@@ -263,11 +261,11 @@ def _plan(opts, train, ev, device, ctx) -> ProbePlan:
     if opts.center_view and not views:
         raise UserError(f"--center-view: {train.path} holds no augmented views (extract it with --views K)")
     train_views = (("tokens",) if opts.center_view else ()) + tuple(f"views/{v}" for v in range(views))
-    feats = {kind: KNN[kind] if kind in KNN else head_class(kind).features or () for _, kind, _ in requested}
+    feats = {kind: head_class(kind).features or () for _, kind, _ in requested}
     feature_names = pooling.ordered(n for f in feats.values() for n in f)
     # a label-free head's own features (one head at a time, all blocks for its multi-block form)
     own = max((create_head(kind, dim=train.dim, num_classes=2, num_blocks=len(blocks), **options).feature_dim()
-               for _, kind, options in requested if kind not in KNN and head_class(kind).label_free), default=0)
+               for _, kind, options in requested if head_class(kind).label_free), default=0)
     pooled_bytes = (len(usable) + len(eval_rows)) * (len(blocks) * max(1, len(feature_names)) * train.dim + own) * 4
     pooled_in_memory = fits_in_memory(pooled_bytes, torch.device("cpu"))
     lbfgs_ok = not ctx.active and views == 0 and pooled_in_memory and not opts.online

@@ -62,7 +62,7 @@ def training(plan: ProbePlan, head: HeadPlan, out) -> dict:
     r, o = out.training, plan.opts
     if head.trainer == "knn":
         return {"optimizer": "knn", "features": "L2-normalised, cosine similarity (DINO)",
-                "pooled": f"saved head {head.options['from']}" if head.kind == "knn-head" else "+".join(head.features),
+                "pooled": f"saved head {head.options['from']}" if head.from_saved else "+".join(head.features),
                 "votes": "weighted: exp(s/T); majority: 1", "bank_rows": out.timings.get("bank_rows"),
                 "memory_bytes": o.memory, "grid": {"k": list(o.knn_k), "t": list(o.knn_t),
                                                    "vote": ["weighted", "majority"]}}

@@ -107,7 +107,7 @@ def _execute(plan: ProbePlan, scratch: str | None) -> list[dict]:
         args = (plan.arrays, plan.features, plan.train.num_prefix_tokens, plan.norm, plan.device)
         pooled = tuple(pool_rows(store, rows, *args, workers=o.workers, ctx=plan.ctx, scratch=scratch)
                        for store, rows in ((plan.train, plan.usable_rows), (plan.eval, plan.eval_rows)))
-    learned = {h.key: _pool_learned(plan, h, scratch) for h in plan.by_trainer("knn") if h.kind == "knn-head"}
+    learned = {h.key: _pool_learned(plan, h, scratch) for h in plan.by_trainer("knn") if h.from_saved}
     token_eval = None
     if plan.sgd is not None and not plan.sgd_on_pooled:
         token_eval = Feeder(plan.eval, plan.eval_rows, plan.sgd.batch_size, device=plan.device, arrays=plan.arrays,
@@ -311,7 +311,7 @@ def _run_knn(plan: ProbePlan, split: Split, head: HeadPlan, pooled: tuple[Pooled
     evaluated once on the eval store, with the split's training rows as the bank."""
     o, t0 = plan.opts, time.perf_counter()
     ptrain, peval = pooled
-    feats, block = (("head",), 0) if head.kind == "knn-head" else (head.features, head.positions[0])
+    feats, block = (("head",), 0) if head.from_saved else (head.features, head.positions[0])
     mtr = ptrain.matrix(feats, block)
     bank = knn.FeatureBank(mtr, ptrain.y, rows=ptrain.positions(split.train_rows))
     ks = sorted({min(k, len(bank)) for k in o.knn_k})

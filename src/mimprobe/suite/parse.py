@@ -206,8 +206,7 @@ def _dataset(c: _Collector, label: str, raw: dict, base: str) -> DatasetSpec | N
 
 
 def _heads(c: _Collector, label: str, raw) -> tuple[str, ...] | None:
-    from mimprobe.probe.heads import HEADS, parse_spec, spec_key
-    from mimprobe.probe.plan import KNN
+    from mimprobe.probe.heads import parse_spec, spec_key
 
     specs = raw if isinstance(raw, list) else [raw]
     if not specs or not all(isinstance(s, str) and s.strip() for s in specs):
@@ -216,17 +215,11 @@ def _heads(c: _Collector, label: str, raw) -> tuple[str, ...] | None:
     out, ok = [], True
     for spec in specs:
         spec = spec.strip()
-        if spec in KNN:
-            out.append(spec)
-            continue
         try:
             out.append(spec_key(*parse_spec(spec)))
         except UserError as e:
             msg = str(e)
             msg = msg.split(": ", 1)[1] if msg.startswith("--head ") else msg
-            known = ", ".join(list(HEADS) + list(KNN))
-            if "unknown head" in msg:
-                msg = f"unknown head; choose from {known}"
             c.add(label, f"head {spec!r}: {msg}")
             ok = False
     dup = sorted({h for h in out if out.count(h) > 1})
@@ -238,7 +231,8 @@ def _heads(c: _Collector, label: str, raw) -> tuple[str, ...] | None:
 
 def _evaluation(c: _Collector, label: str, raw: dict, base: str, models: set, datasets: set) -> EvalSpec | None:
     from mimprobe.probe.options import validate
-    from mimprobe.probe.plan import KNN, check_lbfgs
+    from mimprobe.probe.heads.base import is_knn
+    from mimprobe.probe.plan import check_lbfgs
 
     t = c.table(raw, EVAL, label)
     ok = len(t) == len(raw)
@@ -254,7 +248,7 @@ def _evaluation(c: _Collector, label: str, raw: dict, base: str, models: set, da
             validate(ProbeOptions(**{PROBE_KEYS[k]: v for k, v in t.items() if k in PROBE_KEYS}))
             if t.get("optimizer") == "lbfgs":
                 for h in heads:
-                    if h not in KNN:
+                    if not is_knn(h):
                         check_lbfgs(h)
         except UserError as e:
             c.add(label, str(e))

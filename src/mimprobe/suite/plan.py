@@ -119,11 +119,11 @@ class SuitePlan:
 
     def todo(self, skip_knn: bool = False) -> list[Group]:
         """The runs still to do: per spec, the seeds grouped by the heads they miss (normally all the same)."""
-        from mimprobe.probe.plan import KNN
+        from mimprobe.probe.heads.base import is_knn
 
         by_spec: dict[tuple, dict[tuple, list[Cell]]] = {}
         for cell in self.cells:
-            heads = tuple(h for h in cell.heads if (cell.key, h) not in self.done and not (skip_knn and h in KNN))
+            heads = tuple(h for h in cell.heads if (cell.key, h) not in self.done and not (skip_knn and is_knn(h)))
             if heads:
                 by_spec.setdefault(cell.spec, {}).setdefault(heads, []).append(cell)
         return [Group(cells, heads) for groups in by_spec.values() for heads, cells in groups.items()]

@@ -47,7 +47,7 @@ def _setup(plan: SuitePlan) -> list[str]:
 
 def write_slurm(plan: SuitePlan, out_dir: str) -> list[str]:
     """Write the job scripts into ``out_dir``; returns their paths (extract.sbatch only if a store is left)."""
-    from mimprobe.probe.plan import KNN
+    from mimprobe.probe.heads.base import is_knn
 
     out_dir = os.path.abspath(out_dir)
     os.makedirs(os.path.join(out_dir, "logs"), exist_ok=True)
@@ -69,7 +69,7 @@ def write_slurm(plan: SuitePlan, out_dir: str) -> list[str]:
     lines += ["# every evaluation cell still to do, distributed; then one process for the kNN heads (they do not",
               "# run under torchrun) and the report"]
     lines += _setup(plan) + _torchrun(plan, "--stage evaluate --quiet", str(cfg["port"]))
-    if any(h in KNN for e in plan.suite.evaluations for h in e.heads):
+    if any(is_knn(h) for e in plan.suite.evaluations for h in e.heads):
         lines += [f"srun --nodes=1 --ntasks=1 python -m mimprobe suite {shlex.quote(plan.suite.path)} "
                   "--stage evaluate --quiet"]
     paths.append(_write(os.path.join(out_dir, "evaluate.sbatch"), lines))

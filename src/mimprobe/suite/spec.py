@@ -118,9 +118,9 @@ class EvalSpec:
 
     @property
     def knn_heads(self) -> tuple[str, ...]:
-        from mimprobe.probe.plan import KNN
+        from mimprobe.probe.heads.base import is_knn
 
-        return tuple(h for h in self.heads if h in KNN)
+        return tuple(h for h in self.heads if is_knn(h))
 
     def options(self) -> dict:
         """Every ProbeOptions field of the spec, defaults filled in (the kNN ones only with kNN heads)."""

@@ -34,7 +34,7 @@ from torch import nn
 
 from mimprobe.errors import UserError
 
-HEADS: dict[str, type["GridHead"]] = {}  # the built-in heads, by name (filled by :func:`register`)
+HEADS: dict[str, type["Head"]] = {}  # the built-in heads, grid and kNN, by name (filled by :func:`register`)
 USER_HEADS: dict[str, type["GridHead"]] = {}  # heads from the user's code, by the name they were asked for
 ENTRY_POINTS = "mimprobe.heads"  # the entry point group through which installed packages add heads
 
@@ -56,7 +56,8 @@ def _entry_points() -> dict:
 
 def _known() -> str:
     installed = [n for n in _entry_points() if n not in HEADS]
-    return ", ".join(list(HEADS) + installed) + ", or your own as module:Class (docs/heads.md)"
+    return ", ".join([k for k, c in HEADS.items() if not c.internal] + installed) + \
+        ", or your own as module:Class (docs/heads.md)"
 
 
 def _import_path(spec: str) -> tuple[str, str] | None:
@@ -111,9 +112,10 @@ def as_head(cls, name: str, spec: str | None = None) -> type["GridHead"]:
     return USER_HEADS[name]
 
 
-def head_class(kind: str, spec: str | None = None) -> type["GridHead"]:
-    """The class of head ``kind``: a built-in head, a head already loaded from the user's code, an installed
-    package's entry point (group ``mimprobe.heads``), or ``module:Class`` imported; else one UserError line."""
+def head_class(kind: str, spec: str | None = None) -> type["Head"]:
+    """The class of head ``kind``: a built-in head (grid or kNN), a head already loaded from the user's code, an
+    installed package's entry point (group ``mimprobe.heads``), or ``module:Class`` imported; else one UserError
+    line."""
     cls = HEADS.get(kind) or USER_HEADS.get(kind)
     if cls is not None:
         return cls
@@ -132,6 +134,8 @@ def parse_spec(spec: str) -> tuple[str, dict]:
         kind, _, rest = spec.partition(":")
         kind = kind.strip()
     cls = head_class(kind, spec)
+    if cls.internal:
+        raise UserError(f"--head {spec}: {cls.summary}")
     opts = {}
     for item in filter(None, (s.strip() for s in rest.split(","))):
         key, eq, value = item.partition("=")
@@ -160,6 +164,11 @@ def spec_key(kind: str, options: dict) -> str:
     defaults = head_class(kind).OPTIONS
     extra = [f"{k}={options[k]}" for k in defaults if k in options and options[k] != defaults[k][0]]
     return kind + (":" + ",".join(extra) if extra else "")
+
+
+def is_knn(spec: str) -> bool:
+    """Whether the head of ``spec`` is a kNN head (:mod:`.knn`)."""
+    return head_class(parse_spec(spec)[0]).knn
 
 
 def create_head(kind: str, **kwargs) -> "GridHead":
@@ -227,35 +236,20 @@ class GridBatchNorm(nn.Module):
         return (f - mean.unsqueeze(1)) * torch.rsqrt(var.unsqueeze(1) + self.eps)
 
 
-class GridHead(nn.Module):
-    """G heads of one kind: pooling (:meth:`pool`, parameters from :meth:`build`) → BatchNorm1d(affine=False)
-    → Linear, the MAE linear-probe classifier (``use_norm = False`` drops the norm, as CAPI's head does)."""
+class Head:
+    """What every registered head declares, whatever trains it: a :class:`GridHead` (trained as a grid, or fitted by
+    L-BFGS) or a kNN head (:mod:`.knn`, DINO's weighted kNN over pooled features, no parameters)."""
 
     kind = "base"
     features: tuple[str, ...] | None = None  # pooled features read instead of tokens (see module doc)
     needs_cls = False
     label_free = False  # pooling fitted without labels on the train store (heads/labelfree.py), then L-BFGS
-    use_norm = True
+    knn = False  # a kNN head: no parameters, k and T chosen on the validation rows (probe/knn.py)
+    internal = False  # made by the run itself, not by --head (summary says how to ask for it)
     paper = ""  # where the definition comes from (the head table, docs/heads.md)
     summary = ""  # what it computes, one line (the head table)
-    no_decay: tuple[str, ...] = ()  # parameters without weight decay besides the biases (norm scales, layer scales, p)
     # option name → (default, allowed values, or a type to convert strings with)
     OPTIONS: dict[str, tuple] = {}
-
-    def __init__(self, dim: int, num_classes: int, num_blocks: int = 1, num_prefix: int = 1, members: int = 1,
-                 seed: int = 0, grid: tuple[int, int] | list[int] | None = None, **options):
-        super().__init__()
-        self.dim, self.num_classes, self.num_blocks = dim, num_classes, num_blocks
-        self.num_prefix, self.members, self.seed = num_prefix, members, seed
-        self.grid = None if grid is None else tuple(int(g) for g in grid)  # the patch-token grid (h, w)
-        self.options = self.resolve_options(options)
-        self.gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(self.kind.encode()))
-        self.build()
-        feats = self.feature_dim()
-        self.norm = GridBatchNorm(1 if self.features is not None else members, feats) if self.use_norm else None
-        self.weight = self._param(self._trunc((feats, num_classes), 0.01 if self.use_norm else 0.02))
-        self.bias = self._param(torch.zeros(num_classes))
-        del self.gen
 
     @classmethod
     def resolve_options(cls, given: dict, spec: str | None = None) -> dict:
@@ -276,6 +270,29 @@ class GridHead(nn.Module):
                                 f"{', '.join(map(str, allowed))}")
             out[key] = v
         return out
+
+
+class GridHead(Head, nn.Module):
+    """G heads of one kind: pooling (:meth:`pool`, parameters from :meth:`build`) → BatchNorm1d(affine=False)
+    → Linear, the MAE linear-probe classifier (``use_norm = False`` drops the norm, as CAPI's head does)."""
+
+    use_norm = True
+    no_decay: tuple[str, ...] = ()  # parameters without weight decay besides the biases (norm scales, layer scales, p)
+
+    def __init__(self, dim: int, num_classes: int, num_blocks: int = 1, num_prefix: int = 1, members: int = 1,
+                 seed: int = 0, grid: tuple[int, int] | list[int] | None = None, **options):
+        super().__init__()
+        self.dim, self.num_classes, self.num_blocks = dim, num_classes, num_blocks
+        self.num_prefix, self.members, self.seed = num_prefix, members, seed
+        self.grid = None if grid is None else tuple(int(g) for g in grid)  # the patch-token grid (h, w)
+        self.options = self.resolve_options(options)
+        self.gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(self.kind.encode()))
+        self.build()
+        feats = self.feature_dim()
+        self.norm = GridBatchNorm(1 if self.features is not None else members, feats) if self.use_norm else None
+        self.weight = self._param(self._trunc((feats, num_classes), 0.01 if self.use_norm else 0.02))
+        self.bias = self._param(torch.zeros(num_classes))
+        del self.gen
 
     # --- helpers to create stacked parameters with one shared initialization -------------------------
     def _param(self, one: torch.Tensor) -> nn.Parameter:

@@ -15,9 +15,14 @@ def head_rows(dim: int = 768, classes: int = 1000) -> list[dict]:
     (pooling + classifier; the classifier alone is D·C + C, or 2D·C + C for [cls] ‖ mean)."""
     rows = []
     for kind, cls in HEADS.items():
-        head = create_head(kind, dim=dim, num_classes=classes, num_prefix=1, grid=(14, 14))
-        total = head.num_parameters()
-        classifier = head.weight[0].numel() + head.bias[0].numel()
+        if cls.internal:
+            continue
+        if cls.knn:  # no parameters: k and T are chosen on the validation rows
+            total = classifier = 0
+        else:
+            head = create_head(kind, dim=dim, num_classes=classes, num_prefix=1, grid=(14, 14))
+            total = head.num_parameters()
+            classifier = head.weight[0].numel() + head.bias[0].numel()
         rows.append({"head": kind, "options": _options(cls), "computes": cls.summary, "params": total,
                      "pooling_params": total - classifier, "paper": cls.paper})
     return rows

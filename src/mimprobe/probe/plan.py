@@ -109,8 +109,11 @@ class ProbePlan:
 
 
 def validate_options(opts: ProbeOptions) -> None:
-    """Every check of the options (:func:`~mimprobe.probe.options.validate`) and of the saved heads they name."""
+    """Every check of the options (:func:`~mimprobe.probe.options.validate`), of the head specs and of the saved
+    heads they name."""
     validate(opts)
+    for spec in opts.heads:
+        parse_spec(spec)
     for d in opts.pool_from:
         saved.head_dir(d, "--pool-from")
 

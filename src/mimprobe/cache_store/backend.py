@@ -26,8 +26,25 @@ class Backend(ABC):
 
     format: str = ""  # the name users give with --format
     suffixes: tuple[str, ...] = ()  # paths ending so are this format (the first registered backend is the default)
+    # what the backend can do (asked by verify, --repair and the suite instead of comparing format names)
     single_writer = False  # True: only one process may ever write a store (no torchrun extraction)
+    rewrites_metadata = False  # True: damaged group / array metadata can be rewritten in place (--repair)
     path: str
+
+    @staticmethod
+    def orphan_arrays(path: str) -> str | None:
+        """When ``path`` holds the store's arrays without the store's own metadata, what is missing (repairable
+        when :attr:`rewrites_metadata`); else None."""
+        return None
+
+    @staticmethod
+    def rewrite_group_metadata(path: str) -> None:
+        """Replace the store's damaged top-level metadata by an empty store's (attributes written after)."""
+        raise NotImplementedError
+
+    def rewrite_array_metadata(self, name: str, shape: tuple, dtype, chunks: tuple) -> None:
+        """Replace the damaged metadata of array ``name`` (its data is left as it is)."""
+        raise NotImplementedError
 
     @classmethod
     @abstractmethod

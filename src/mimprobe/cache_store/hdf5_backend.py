@@ -69,8 +69,8 @@ class HDF5Backend(Backend):
         except OSError as e:
             if "truncated file" in str(e):  # HDF5 knows the size it wrote: the end of the file is gone
                 raise StoreDamaged(f"{path}: the HDF5 file is truncated ({e}); an HDF5 store cannot be repaired "
-                                   "in place: re-extract it with the same `mimprobe extract` command and --overwrite"
-                                   ) from None
+                                   "in place: re-extract it with the same `mimprobe extract` command and --overwrite",
+                                   what=f"the HDF5 file is truncated ({e})", repairable=False) from None
             raise UserError(f"{path}: cannot open as HDF5 ({e})") from None
 
     def create_array(self, name, shape, dtype, chunks):

@@ -48,16 +48,24 @@ def repair_hint(path: str) -> str:
 class StoreDamaged(UserError):
     """Stored data that is missing, short or fails its checksum, or metadata that cannot be read.
 
-    A user error (the fix is to repair the store), raised by readers instead of returning damaged data."""
+    A user error (the fix is to repair the store), raised by readers instead of returning damaged data. ``what``
+    is the finding alone (``short: 10 of 4096 bytes``), for reports that say where themselves; ``repairable``
+    is False when the store cannot be repaired in place (only re-extracted)."""
+
+    def __init__(self, message: str, what: str | None = None, repairable: bool = True):
+        super().__init__(message)
+        self.what = message if what is None else what
+        self.repairable = repairable
 
     @classmethod
     def chunk(cls, path: str, array: str, c: int, what: str, rows: tuple[int, int] | None = None) -> "StoreDamaged":
         where = f"chunk {c} of {array}" + (f" (rows {rows[0]}-{rows[1] - 1})" if rows else "")
-        return cls(f"{path}: {where} is damaged ({what}); {repair_hint(path)}")
+        return cls(f"{path}: {where} is damaged ({what}); {repair_hint(path)}", what)
 
     @classmethod
     def array(cls, path: str, array: str, what: str) -> "StoreDamaged":
-        return cls(f"{path}: {array} is damaged ({what}); {repair_hint(path)}")
+        return cls(f"{path}: {array} is damaged ({what}); {repair_hint(path)}", f"{array} is damaged ({what})"
+                   if array.startswith("its ") else what)
 
 
 class ChunkProblem(Exception):

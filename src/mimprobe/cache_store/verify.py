@@ -85,18 +85,17 @@ def verify_store(path: str, fmt: str | None = None, *, quiet: bool = False, work
     rep = VerifyReport(path, fmt)
     t0 = time.perf_counter()
     if not bcls.exists(path):
-        if fmt == "zarr" and _zarr_arrays_without_group(path):
-            rep.unreadable = "its metadata (zarr.json) is missing, the arrays under it are there"
-            rep.damage.append(Damage("metadata", "", "zarr.json missing"))
+        missing = bcls.orphan_arrays(path)
+        if missing:
+            rep.unreadable = f"{missing}, the arrays under it are there"
+            rep.damage.append(Damage("metadata", "", missing))
             return rep
         raise UserError(f"{path}: no such store (create it with `mimprobe extract`)")
     try:
         backend = bcls.open(path, "r")
         attrs = backend.get_attrs()
     except StoreDamaged as e:
-        msg = str(e)
-        msg = msg[len(path) + 2:] if msg.startswith(path + ": ") else msg
-        rep.unreadable = msg.split("; `mimprobe verify")[0].split("; an HDF5 store")[0]
+        rep.unreadable, rep.repairable = e.what, e.repairable
         rep.damage.append(Damage("metadata", "", rep.unreadable))
         return rep
     try:
@@ -105,12 +104,6 @@ def verify_store(path: str, fmt: str | None = None, *, quiet: bool = False, work
         backend.close()
     rep.seconds = time.perf_counter() - t0
     return rep
-
-
-def _zarr_arrays_without_group(path: str) -> bool:
-    import os
-
-    return not ("://" in path) and os.path.isfile(os.path.join(path, "tokens", "zarr.json"))
 
 
 def _verify(backend, attrs: dict, rep: VerifyReport, *, quiet: bool, workers: int) -> None:
@@ -141,7 +134,7 @@ def _verify(backend, attrs: dict, rep: VerifyReport, *, quiet: bool, workers: in
             rep.damage.append(Damage("metadata", name, "missing (the array's metadata is not there)"))
             continue
         except StoreDamaged as e:
-            rep.damage.append(Damage("metadata", name, _what(e)))
+            rep.damage.append(Damage("metadata", name, e.what))
             continue
         got_dtype = arr.dtype
         ok_dtype = (got_dtype.kind in "OTU" or str(got_dtype).startswith(("StringDType", "<U", "|S", "object"))
@@ -204,7 +197,7 @@ def _verify(backend, attrs: dict, rep: VerifyReport, *, quiet: bool, workers: in
                     if lost:
                         rep.damage.append(Damage("index", name, f"chunk(s) {_few(lost)} missing"))
         except StoreDamaged as e:
-            rep.damage.append(Damage("index", name, _what(e)))
+            rep.damage.append(Damage("index", name, e.what))
         except Exception as e:  # a chunk the library cannot decode
             rep.damage.append(Damage("index", name, f"unreadable ({type(e).__name__}: {e})"))
 
@@ -222,7 +215,7 @@ def _verify(backend, attrs: dict, rep: VerifyReport, *, quiet: bool, workers: in
             except ChunkProblem as e:
                 rep.damage.append(Damage("chunk", "checksums", f"record {e.what}", c, _rows(c, c_rows, n)))
             except StoreDamaged as e:
-                rep.damage.append(Damage("chunk", "checksums", f"record {_what(e)}", c, _rows(c, c_rows, n)))
+                rep.damage.append(Damage("chunk", "checksums", f"record {e.what}", c, _rows(c, c_rows, n)))
 
     # --- chunk data ------------------------------------------------------------------------------------------
     jobs = [(name, col, c) for col, name in enumerate(columns) if name in usable for c in done_list]
@@ -248,7 +241,7 @@ def _verify(backend, attrs: dict, rep: VerifyReport, *, quiet: bool, workers: in
         except ChunkProblem as e:
             return job, e.what, 0
         except StoreDamaged as e:
-            return job, _what(e), 0
+            return job, e.what, 0
         except Exception as e:  # a chunk object the library cannot decode
             return job, f"unreadable ({reason(e)})", 0
         if c in records and col < len(records[c]):
@@ -288,15 +281,6 @@ def _rows(c: int, chunk_rows: int, n: int) -> tuple[int, int]:
 
 def _few(xs: list[int], k: int = 5) -> str:
     return ", ".join(map(str, xs[:k])) + (f" (+{len(xs) - k} more)" if len(xs) > k else "")
-
-
-def _what(e: StoreDamaged) -> str:
-    """The parenthesised finding of a StoreDamaged message."""
-    msg = str(e)
-    head = msg.split("; `mimprobe verify")[0]
-    if "is damaged (" in head:
-        return head.split("is damaged (", 1)[1].rsplit(")", 1)[0]
-    return head
 
 
 def presence_problems(store, limit: int | None = None) -> list[str]:

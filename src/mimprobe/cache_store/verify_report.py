@@ -41,6 +41,7 @@ class VerifyReport:
     bytes_read: int = 0
     seconds: float = 0.0
     unreadable: str | None = None  # the store's metadata cannot be read: nothing else was checked
+    repairable: bool = True  # False: the damage cannot be repaired in place (re-extract)
 
     @property
     def ok(self) -> bool:
@@ -81,9 +82,12 @@ class VerifyReport:
 
     def repair_hint(self) -> str:
         fixable = all(d.kind in ("chunk", "done", "index", "metadata") or d.array == "" for d in self.damage)
-        if self.format == "hdf5" and (self.unreadable or self.metadata_damage()):
-            return ("repair: HDF5 metadata cannot be rewritten in place; re-extract with the same `mimprobe extract` "
-                    "command and --overwrite")
+        from mimprobe.cache_store.formats import backend_class
+
+        if not self.repairable or (self.unreadable or self.metadata_damage()) and \
+                not backend_class(self.format).rewrites_metadata:
+            return (f"repair: the metadata of a {self.format} store cannot be rewritten in place; re-extract with the "
+                    "same `mimprobe extract` command and --overwrite")
         if fixable:
             return ("repair: re-run the `mimprobe extract` (or `compress`) command that made the store, with "
                     "--repair (only the damaged chunks are extracted again)")

@@ -69,6 +69,7 @@ def _coordinates(name: str, ndim: int) -> dict | None:
 class ZarrBackend(ZarrChunkFiles, Backend):
     format = "zarr"
     suffixes = (".zarr",)
+    rewrites_metadata = True
 
     def __init__(self, group: zarr.Group, path: str):
         self.group = group
@@ -118,6 +119,12 @@ class ZarrBackend(ZarrChunkFiles, Backend):
         except Exception as e:  # the group's zarr.json is there but unreadable (bad JSON, not zarr metadata)
             raise StoreDamaged.array(path, "its metadata (zarr.json)", reason(e)) from None
         return cls(g, path)
+
+    @staticmethod
+    def orphan_arrays(path: str) -> str | None:
+        if not is_url(path) and os.path.isfile(os.path.join(path, "tokens", "zarr.json")):
+            return "its metadata (zarr.json) is missing"
+        return None
 
     @staticmethod
     def rewrite_group_metadata(path: str) -> None:

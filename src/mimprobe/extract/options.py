@@ -13,8 +13,14 @@ from mimprobe.errors import UserError
 from mimprobe.options import check_fields, option
 from mimprobe.units import human_bytes
 
-FORMATS = ("zarr", "hdf5")
 a_device = one_of("auto", "cpu", "cuda", prefix="cuda:")
+
+
+def a_format(name):
+    """A registered store format (cache_store/formats.py): zarr, hdf5."""
+    from mimprobe.cache_store.formats import BACKENDS
+
+    return one_of(*BACKENDS)(name)
 
 
 def a_decode(mode):
@@ -55,7 +61,7 @@ class ExtractOptions:
                         "extract float16, then `mimprobe compress`)", flags=("--codec", "--dtype"), check=a_codec,
                         suite="models.codec")
     format: str | None = option(None, "zarr | hdf5 (default: from the suffix)", flags=("--format",),
-                                check=one_of(*FORMATS))
+                                check=a_format)
     batch_size: int = option(64, "images per forward pass", check=an_int(1), suite=("extract.batch_size", "models.batch_size"), run_option=True)
     workers: int | None = option(None, "DataLoader decode workers (default: min(8, cores))", check=an_int(0),
                                  suite="extract.workers", run_option=True)

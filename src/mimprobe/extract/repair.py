@@ -32,14 +32,14 @@ def repair_store(path, fmt, bb, source, rows, opts, layers, attrs) -> tuple[Toke
     arrays' metadata, labels / sample_ids / final norm) when the arrays agree with the command; un-mark the done
     flags of damaged chunks. The caller then extracts every chunk not done, as on resume, so the store ends
     bitwise equal to an undamaged one (on the same kind of device as the original run)."""
-    from mimprobe.cache_store.verify import _zarr_arrays_without_group, verify_store
+    from mimprobe.cache_store.verify import verify_store
 
     bcls = backend_class(fmt)
-    if not TokenStore.exists(path, fmt) and not (fmt == "zarr" and _zarr_arrays_without_group(path)):
+    if not TokenStore.exists(path, fmt) and not bcls.orphan_arrays(path):
         raise UserError(f"{path}: no store there, nothing to repair; run the command without --repair to extract")
     report = verify_store(path, fmt, quiet=opts.quiet)
     fixed: list[str] = []
-    if report.unreadable and fmt != "zarr" and "truncated" in report.unreadable:
+    if report.unreadable and not report.repairable:
         raise UserError(f"{path}: {report.unreadable}; an {fmt} store cannot be repaired in place: re-extract it "
                         "with the same command and --overwrite")
     if report.unreadable:
@@ -61,7 +61,7 @@ def repair_store(path, fmt, bb, source, rows, opts, layers, attrs) -> tuple[Toke
     specs = {spec.name: spec for spec in lay.arrays}
     meta = report.metadata_damage() - {""}
     if meta:
-        if fmt != "zarr" or not hasattr(store.backend, "rewrite_array_metadata"):
+        if not bcls.rewrites_metadata:
             store.close()
             raise UserError(f"{path}: the metadata of {', '.join(sorted(meta))} is damaged and cannot be rewritten in "
                             f"a {fmt} store; re-extract with the same command and --overwrite")
@@ -113,10 +113,8 @@ def rebuild_attributes(path, fmt, bcls, bb, source, rows, opts, layers, attrs, r
     """Rewrite a store's unreadable attributes from the command, when its arrays are exactly what the command
     would create (else refuse: re-extract)."""
     what = report.unreadable
-    if fmt == "zarr":
-        from mimprobe.cache_store.zarr_backend import ZarrBackend
-
-        ZarrBackend.rewrite_group_metadata(path)
+    if bcls.rewrites_metadata:
+        bcls.rewrite_group_metadata(path)
     try:
         b = bcls.open(path, "r+")
     except UserError as e:

@@ -160,7 +160,9 @@ class Suite:
 
     @property
     def suffix(self) -> str:
-        return ".h5" if self.format == "hdf5" else ".zarr"
+        from mimprobe.cache_store.formats import backend_class
+
+        return backend_class(self.format).suffixes[0]
 
     def store_path(self, model: str, dataset: str, split: str) -> str:
         name = f"{dataset}-{split}{self.suffix}"

@@ -43,11 +43,12 @@ import _fixtures as fx
 from mimprobe.cache_store import TokenStore
 from mimprobe.cache_store.batches import ChunkRows, gather, rows_by_chunk
 from mimprobe.cache_store.reader import load_rows
-from mimprobe.cache_store.store import VERIFY_READS_ENV
+from mimprobe.cache_store.chunk_io import VERIFY_READS_ENV
 from mimprobe.cache_store.verify import verify_store
 from mimprobe.extract.backbone import load_backbone
 from mimprobe.extract.dataset import plan_chunks
-from mimprobe.extract.runner import ExtractOptions, extract_chunks
+from mimprobe.extract.runner import extract_chunks
+from mimprobe.extract.options import ExtractOptions
 from mimprobe.probe.feed import Feeder
 
 NAME = "checksum_cost"

@@ -150,7 +150,8 @@ def token_error(bb, ref: torch.Tensor, got: torch.Tensor) -> dict:
 
 def top1_effect(args, tmp) -> dict:
     """CIFAR-10 enlarged to 800x600 JPEGs; extract pil vs draft (random-init vit_tiny); linear probe top-1."""
-    from mimprobe.extract.runner import ExtractOptions, extract
+    from mimprobe.extract.runner import extract
+    from mimprobe.extract.options import ExtractOptions
     from mimprobe.probe.options import ProbeOptions
     from mimprobe.probe.run import run_probe
 

@@ -28,7 +28,8 @@ import _bench
 import _fixtures as fx
 from mimprobe.extract.backbone import Backbone, block_tokens, load_backbone
 from mimprobe.extract.dataset import ChunkPlan, plan_chunks
-from mimprobe.extract.runner import ExtractOptions, extract, extract_chunks
+from mimprobe.extract.runner import extract, extract_chunks
+from mimprobe.extract.options import ExtractOptions
 from mimprobe.cache_store import TokenStore
 
 NAME = "extract_efficiency"

@@ -33,7 +33,7 @@ import _bench
 import _fixtures as fx
 from extract_efficiency import forward_case, pipeline_case
 from mimprobe.extract.backbone import load_backbone
-from mimprobe.extract.runner import ExtractOptions
+from mimprobe.extract.options import ExtractOptions
 
 NAME = "gpu_extract"
 TARGET = (">=", 0.95)

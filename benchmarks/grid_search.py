@@ -27,7 +27,8 @@ import numpy as np
 import _bench
 import _fixtures as fx
 from linear_vs_sklearn import write_digits
-from mimprobe.extract.runner import ExtractOptions, extract
+from mimprobe.extract.runner import extract
+from mimprobe.extract.options import ExtractOptions
 from mimprobe.probe.heads import HEADS
 from mimprobe.probe.options import ProbeOptions
 from mimprobe.probe.run import run_probe

@@ -33,7 +33,8 @@ from PIL import Image
 import _bench
 import _fixtures as fx
 from mimprobe.cache_store import TokenStore
-from mimprobe.extract.runner import ExtractOptions, extract
+from mimprobe.extract.runner import extract
+from mimprobe.extract.options import ExtractOptions
 from mimprobe.probe.options import ProbeOptions
 from mimprobe.probe.run import run_probe
 from mimprobe.probe.options import DEFAULT_L2

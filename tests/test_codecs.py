@@ -236,7 +236,7 @@ def test_info_shows_codec_size_and_error(tmp_path, cli):
 @pytest.mark.parametrize("spec", ["int4+prefix", "pq:8"])
 def test_streamed_and_in_memory_readers_decode_like_read_tokens(tmp_path, spec):
     pytest.importorskip("faiss")
-    from mimprobe.cache_store.reader import ChunkShuffleReader
+    from mimprobe.cache_store.stream import ChunkShuffleReader
     from mimprobe.probe.feed import Feeder
 
     raw = synthetic_store(tmp_path / "raw.zarr", vit_like(n=50, d=32), np.arange(50) % 2, chunk_rows=16)

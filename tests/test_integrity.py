@@ -200,7 +200,7 @@ def test_user_error_from_a_worker_keeps_its_one_line():
 def test_checksum_checks_on_first_read_and_every_read_when_asked(stores, tmp_path, monkeypatch):
     """Without --verify-reads a chunk's checksum is checked on its first read in a process (then presence and
     size only); MIMPROBE_VERIFY_READS=1 checks every read."""
-    from mimprobe.cache_store.store import VERIFY_READS_ENV
+    from mimprobe.cache_store.chunk_io import VERIFY_READS_ENV
 
     p = damaged_copy(stores["fp16"], tmp_path)
     f = chunk_file(p, "tokens", 0)

@@ -9,7 +9,8 @@ from torch.utils.data import DataLoader
 
 from conftest import synthetic_store
 from mimprobe.cache_store import TokenStore
-from mimprobe.cache_store.reader import ChunkShuffleReader, InMemoryReader, load_rows, read_rows
+from mimprobe.cache_store.reader import InMemoryReader, load_rows, read_rows
+from mimprobe.cache_store.stream import ChunkShuffleReader
 
 
 @pytest.fixture(params=[".zarr", ".h5"])
@@ -186,7 +187,7 @@ def test_int8_and_partial_chunks_through_the_ring(tmp_path):
 
 
 def test_willneed_announces_plain_chunks(store):
-    from mimprobe.cache_store.reader import willneed
+    from mimprobe.cache_store.batches import willneed
 
     s = TokenStore.open(store)
     willneed(s, range(s.num_chunks), ["tokens"])  # no error on either backend, partial last chunk included

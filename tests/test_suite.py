@@ -156,7 +156,7 @@ def test_a_run_killed_after_probing_but_before_recording_is_adopted(finished, cl
     mine = [r for r in recs if r["suite_cell"].rsplit("/", 1)[0] == cell]
     assert len(mine) == 2 * N_HEADS
     from mimprobe.suite import load_suite, make_plan
-    from mimprobe.suite.plan import load_records, mark_done
+    from mimprobe.suite.records import load_records, mark_done
 
     plan = make_plan(load_suite(str(suite)))
     kept = [r for r in recs if r not in mine]

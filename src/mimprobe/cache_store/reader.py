@@ -18,12 +18,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mimprobe.cache_store.batches import ChunkRows, TokenBatch, gather, rows_by_chunk, willneed
+from mimprobe.cache_store.batches import ChunkRows, TokenBatch, gather, rows_by_chunk
 from mimprobe.cache_store.store import TokenStore
-from mimprobe.cache_store.stream import ChunkShuffleReader
 
-__all__ = ["ChunkRows", "ChunkShuffleReader", "InMemoryReader", "TokenBatch", "gather", "load_rows", "read_rows",
-           "willneed"]
+__all__ = ["InMemoryReader", "load_rows", "read_rows"]
 
 
 def load_rows(store: TokenStore, rows: np.ndarray, arrays: list[str] | None = None) -> TokenBatch:

@@ -15,15 +15,14 @@ import torch
 
 from mimprobe.cache_store.backend import Backend
 from mimprobe.cache_store.codecs import PARAMS_GROUP, make_codec
-from mimprobe.cache_store.chunk_io import VERIFY_READS_ENV, ChunkIO, verify_reads_default
+from mimprobe.cache_store.chunk_io import ChunkIO, verify_reads_default
 from mimprobe.cache_store.formats import backend_class, infer_format
 from mimprobe.cache_store.integrity import StoreDamaged, crc, strings_crc
-from mimprobe.cache_store.layout import ArraySpec, Layout, plan_layout
+from mimprobe.cache_store.layout import plan_layout
 from mimprobe.cache_store.schema import MODEL_KEYS, SCHEMA_VERSION, TokenCodec, identity_diff
 from mimprobe.errors import UserError
 
-__all__ = ["VERIFY_READS_ENV", "ArraySpec", "Layout", "TokenStore", "check_compatible", "plan_layout",
-           "verify_reads_default"]
+__all__ = ["TokenStore", "check_compatible"]
 
 
 class TokenStore(ChunkIO):

@@ -35,7 +35,7 @@ from mimprobe.extract.options import ExtractOptions, ExtractResult, validate
 from mimprobe.extract.stores import collect_skipped, open_or_create
 from mimprobe.extract.writer import ChunkWriter
 
-__all__ = ["ExtractOptions", "ExtractResult", "extract", "extract_chunks"]
+__all__ = ["extract", "extract_chunks"]
 
 log = logging.getLogger("mimprobe")
 

@@ -24,7 +24,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from mimprobe.cache_store.reader import ChunkShuffleReader, InMemoryReader, TokenBatch, load_rows
+from mimprobe.cache_store.reader import InMemoryReader, load_rows
+
+from mimprobe.cache_store.stream import ChunkShuffleReader
+
+from mimprobe.cache_store.batches import TokenBatch
 from mimprobe.cache_store.schema import TokenCodec
 from mimprobe.cache_store.store import TokenStore
 from mimprobe.distributed import DistContext

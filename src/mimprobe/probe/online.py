@@ -30,7 +30,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from mimprobe.cache_store.reader import InMemoryReader, TokenBatch, read_rows
+from mimprobe.cache_store.reader import InMemoryReader, read_rows
+
+from mimprobe.cache_store.batches import TokenBatch
 from mimprobe.cache_store.codecs import make_codec
 from mimprobe.cache_store.schema import MODEL_KEYS, identity_diff
 from mimprobe.cache_store.store import TokenStore

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mimprobe.cache_store.reader import TokenBatch
+from mimprobe.cache_store.batches import TokenBatch
 from mimprobe.cache_store.codecs import make_codec
 from mimprobe.distributed import DistContext
 from mimprobe.probe import pooling

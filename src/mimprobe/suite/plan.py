@@ -10,8 +10,7 @@ an evaluation runs only that head.
 
 This module owns the plan itself (:class:`StorePlan`, :class:`Cell`, :class:`Group`, :class:`SuitePlan`) and
 :func:`make_plan`. Reading the stores and estimating their size is :mod:`.stores`, which (cell, head) pairs the
-results hold :mod:`.records` (``load_records`` and ``mark_done`` are importable from here too), the dry-run
-tables :mod:`.tables`.
+results hold :mod:`.records`, the dry-run tables :mod:`.tables`.
 """
 
 from __future__ import annotations
@@ -19,10 +18,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from mimprobe.suite.records import load_records, mark_done
 from mimprobe.suite.spec import DatasetSpec, EvalSpec, ModelSpec, Suite, TrainSet, stable_hash
 
-__all__ = ["Cell", "Group", "StorePlan", "SuitePlan", "load_records", "make_plan", "mark_done"]
+__all__ = ["Cell", "Group", "StorePlan", "SuitePlan", "make_plan"]
 
 log = logging.getLogger("mimprobe")
 

@@ -221,10 +221,12 @@ def test_linear_heads_on_pooled_features_equal_the_token_path(tmp_path):
 
 
 def test_head_specs_from_the_command_line():
-    from mimprobe.cli.app import _heads
+    from mimprobe.options import from_cli
     from mimprobe.probe.heads import parse_spec, spec_key
+    from mimprobe.probe.options import ProbeOptions
 
-    assert _heads(["linear-cls,abmilp:depth=2,act=tanh", "attentive"]) == [
+    given = ["linear-cls,abmilp:depth=2,act=tanh", "attentive"]  # --head repeated, comma lists with options
+    assert from_cli(ProbeOptions, {"heads": given}).heads == [
         "linear-cls", "abmilp:depth=2,act=tanh", "attentive"]
     kind, opts = parse_spec("abmilp:act=tanh,depth=2")
     assert kind == "abmilp" and opts["depth"] == 2 and opts["sa"] == "none"

@@ -1,11 +1,11 @@
-"""The typer app, the entry point, and the option parsers every command shares."""
+"""The typer app and the entry point (the commands' options are declared with their dataclasses:
+mimprobe/options.py)."""
 
 from __future__ import annotations
 
 import logging
 import os
 import sys
-from typing import Optional
 
 import typer
 
@@ -20,30 +20,6 @@ app = typer.Typer(
 )
 
 
-def _numbers(text: Optional[str], option: str, kind=int) -> list:
-    """A comma list of numbers, e.g. ``-1,-4`` or ``1e-3,3e-3``."""
-    if not text:
-        return []
-    try:
-        return [kind(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        example = "-1,-4" if kind is int else "1e-3,3e-3"
-        raise UserError(f"{option} {text!r}: expected comma-separated numbers, e.g. {example}") from None
-
-
-def _bytes(text: str, option: str) -> int:
-    """``512M``, ``4G``, ``1500000`` → bytes."""
-    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-    t = text.strip().upper().rstrip("B")
-    try:
-        n = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
-    except ValueError:
-        n = -1
-    if n <= 0:
-        raise UserError(f"{option} {text!r}: expected a size such as 512M or 4G")
-    return int(n)
-
-
 def _quiet(quiet: bool) -> None:
     logging.getLogger("mimprobe").setLevel(logging.WARNING if quiet else logging.INFO)
 
@@ -53,18 +29,6 @@ class _StderrHandler(logging.Handler):
 
     def emit(self, record):
         print(self.format(record), file=sys.stderr)
-
-
-def _list(values: Optional[list[str]]) -> list[str]:
-    """Repeated options and comma lists alike: --head a --head b,c → [a, b, c]."""
-    return [v.strip() for item in values or [] for v in item.split(",") if v.strip()]
-
-
-def _heads(values: Optional[list[str]]) -> list[str]:
-    """Head specs from repeated options and comma lists (:func:`~mimprobe.probe.heads.base.split_specs`)."""
-    from mimprobe.probe.heads.base import split_specs
-
-    return split_specs(_list(values))
 
 
 def _is_main() -> bool:

@@ -48,6 +48,21 @@ def parser(doc: str) -> argparse.ArgumentParser:
     return p
 
 
+def shape_args(p: argparse.ArgumentParser, rows_help: str) -> None:
+    """The shape of a benchmark's synthetic ViT-like tokens: --n rows (``rows_help``), --tokens, --dim."""
+    p.add_argument("--n", type=int, default=None, help=rows_help)
+    p.add_argument("--tokens", type=int, default=197, help="tokens per row (default 197: ViT-B/16 at 224 px)")
+    p.add_argument("--dim", type=int, default=384, help="channels (default 384: ViT-S)")
+
+
+def synthetic(args: argparse.Namespace):
+    """(tokens, labels) of the --n/--tokens/--dim shape: ViT-like float32 tokens, labels cycling over 10 classes."""
+    import _fixtures as fx
+    import numpy as np
+
+    return fx.vitlike_tokens(args.n, args.tokens, args.dim), np.arange(args.n) % 10
+
+
 def finish_args(args: argparse.Namespace, quick: dict, full: dict) -> argparse.Namespace:
     """Fill every option left at None from ``quick`` or ``full`` defaults (explicit options always win)."""
     for k, v in (quick if args.quick else full).items():

@@ -160,9 +160,7 @@ def verify_cases(path: str, cold: bool) -> tuple[_bench.Case, _bench.Case]:
 
 def main(argv=None):
     p = _bench.parser(__doc__)
-    p.add_argument("--n", type=int, default=None, help="rows of the read/write stores (default 2048 = 310 MB; quick 128)")
-    p.add_argument("--tokens", type=int, default=197)
-    p.add_argument("--dim", type=int, default=384)
+    _bench.shape_args(p, "rows of the read/write stores (default 2048 = 310 MB; quick 128)")
     p.add_argument("--chunk-rows", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=256, help="probe batch size of the stream case")
     p.add_argument("--model", default="vit_tiny_patch16_224")

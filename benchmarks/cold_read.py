@@ -119,10 +119,7 @@ def cat_case(files: list[str]) -> _bench.Case:
 
 def main(argv=None):
     p = _bench.parser(__doc__)
-    p.add_argument("--n", type=int, default=None,
-                   help="rows (default 8192 = 1.24 GB per store, 8 buffers of 16 64-row chunks; quick 512)")
-    p.add_argument("--tokens", type=int, default=197)
-    p.add_argument("--dim", type=int, default=384)
+    _bench.shape_args(p, "rows (default 8192 = 1.24 GB per store, 8 buffers of 16 64-row chunks; quick 512)")
     p.add_argument("--chunks", default="16,64,256", help="chunk rows to compare (comma list)")
     p.add_argument("--headline-chunk", type=int, default=64, help="chunk rows the headline is taken at")
     p.add_argument("--formats", default="zarr,hdf5")
@@ -135,8 +132,7 @@ def main(argv=None):
     load0 = _bench.load_now()
     results, ablations = [], []
     with fx.workdir(args.workdir, "cold") as tmp:
-        tokens = fx.vitlike_tokens(args.n, args.tokens, args.dim)
-        labels = np.arange(args.n) % 10
+        tokens, labels = _bench.synthetic(args)
         stores = fx.write_store_grid(tmp, tokens, labels, args.formats.split(","),
                                      [int(x) for x in args.chunks.split(",")])
         del tokens

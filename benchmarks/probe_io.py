@@ -98,9 +98,7 @@ def read_case(path: str, batch_size: int, device: str, **settings) -> _bench.Cas
 
 def main(argv=None):
     p = _bench.parser(__doc__)
-    p.add_argument("--n", type=int, default=None, help="rows (default 4096 ≈ 620 MB fp16; quick 512)")
-    p.add_argument("--tokens", type=int, default=197)
-    p.add_argument("--dim", type=int, default=384)
+    _bench.shape_args(p, "rows (default 4096 ≈ 620 MB fp16; quick 512)")
     p.add_argument("--dtypes", default="float16,int8")
     p.add_argument("--format", default="zarr")
     p.add_argument("--chunk-rows", type=int, default=64)

@@ -94,9 +94,7 @@ def memmap_case(npy: str, block_rows: int) -> _bench.Case:
 
 def main(argv=None):
     p = _bench.parser(__doc__)
-    p.add_argument("--n", type=int, default=None, help="rows (default 4096 = 620 MB per store; quick 256)")
-    p.add_argument("--tokens", type=int, default=197)
-    p.add_argument("--dim", type=int, default=384)
+    _bench.shape_args(p, "rows (default 4096 = 620 MB per store; quick 256)")
     p.add_argument("--chunks", default="64,256", help="chunk rows to compare (comma list)")
     p.add_argument("--formats", default="zarr,hdf5")
     p.add_argument("--batch-size", type=int, default=256, help="probe batch size (the trainer's default 256)")
@@ -111,8 +109,7 @@ def main(argv=None):
     load0 = _bench.load_now()
     results, resident = [], {}
     with fx.workdir(args.workdir, "read") as tmp:
-        tokens = fx.vitlike_tokens(args.n, args.tokens, args.dim)
-        labels = np.arange(args.n) % 10
+        tokens, labels = _bench.synthetic(args)
         npy = fx.write_npy(os.path.join(tmp, "tokens.npy"), tokens)
         stores = fx.write_store_grid(tmp, tokens, labels, args.formats.split(","),
                                      [int(x) for x in args.chunks.split(",")])

@@ -40,9 +40,7 @@ def errors(path: str, truth: np.ndarray, rows: int) -> dict:
 
 def main(argv=None):
     p = _bench.parser(__doc__)
-    p.add_argument("--n", type=int, default=None, help="rows (default 1024; quick 64)")
-    p.add_argument("--tokens", type=int, default=197)
-    p.add_argument("--dim", type=int, default=384)
+    _bench.shape_args(p, "rows (default 1024; quick 64)")
     p.add_argument("--formats", default="zarr,hdf5")
     p.add_argument("--dtypes", default=",".join(DTYPES))
     p.add_argument("--chunk-rows", type=int, default=None, help="default: the store's own choice")
@@ -53,8 +51,7 @@ def main(argv=None):
     payload = args.n * args.tokens * args.dim * 2
     rows = []
     with fx.workdir(args.workdir, "storage") as tmp:
-        tokens = fx.vitlike_tokens(args.n, args.tokens, args.dim)
-        labels = np.arange(args.n) % 10
+        tokens, labels = _bench.synthetic(args)
         for fmt in args.formats.split(","):
             for dtype in args.dtypes.split(","):
                 path = os.path.join(tmp, f"{dtype}.{'zarr' if fmt == 'zarr' else 'h5'}")

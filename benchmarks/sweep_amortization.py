@@ -51,9 +51,7 @@ def grid_case(store: TokenStore, feed: Feeder, kind: str, lrs: list[float], wds:
 
 def main(argv=None):
     p = _bench.parser(__doc__)
-    p.add_argument("--n", type=int, default=None, help="rows (default 1024; quick 128)")
-    p.add_argument("--tokens", type=int, default=197)
-    p.add_argument("--dim", type=int, default=384)
+    _bench.shape_args(p, "rows (default 1024; quick 128)")
     p.add_argument("--classes", type=int, default=100)
     p.add_argument("--epochs", type=int, default=None, help="default 2; quick 1")
     p.add_argument("--batch-size", type=int, default=256)

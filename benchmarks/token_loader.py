@@ -42,9 +42,7 @@ def loader_case(path: str, batch_size: int, workers: int, nbytes: int) -> _bench
 
 def main(argv=None):
     p = _bench.parser(__doc__)
-    p.add_argument("--n", type=int, default=None, help="rows (default 2048: 310 MB of fp16 197x384 tokens; quick 256)")
-    p.add_argument("--tokens", type=int, default=197)
-    p.add_argument("--dim", type=int, default=384)
+    _bench.shape_args(p, "rows (default 2048: 310 MB of fp16 197x384 tokens; quick 256)")
     p.add_argument("--dtypes", default="float16,int8")
     p.add_argument("--chunk-rows", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=256)
@@ -54,8 +52,7 @@ def main(argv=None):
     load0 = _bench.load_now()
     results = []
     with fx.workdir(args.workdir, "loader") as tmp:
-        tokens = fx.vitlike_tokens(args.n, args.tokens, args.dim)
-        labels = np.arange(args.n) % 10
+        tokens, labels = _bench.synthetic(args)
         for dtype in args.dtypes.split(","):
             path = fx.write_store(os.path.join(tmp, f"{dtype}.zarr"), tokens, labels, dtype=dtype,
                                   chunk_rows=args.chunk_rows)

@@ -120,3 +120,25 @@ def test_a_wrong_value_gets_one_message_from_the_cli_a_suite_and_the_api(suite_e
     # the same body; each names the option its own way (--epochs, evaluations "e": epochs, mimprobe.probe(): epochs)
     body = re.sub(r"^--[a-z-]+: ", "", from_cli)
     assert from_suite.endswith(body) and from_api.endswith(body), (from_cli, from_suite, from_api)
+
+
+def test_a_run_identity_holds_what_decides_results_and_ignores_options_left_unset():
+    """A killed run resumes by a hash of result_fields(): an option added later (unset: None / False / empty)
+    does not change the identity of runs that never set it; a default that means a value (2500 steps) stays in,
+    so a changed default is another run; run options (device, workers, out) never count."""
+    from mimprobe.options import option, result_fields
+
+    @dataclasses.dataclass
+    class Old:
+        steps: int = option(2500, "steps")
+        device: str = option("auto", "device", run_option=True)
+
+    @dataclasses.dataclass
+    class New(Old):
+        extra: str | None = option(None, "added later")
+        flag: bool = option(False, "added later")
+
+    assert result_fields(Old()) == result_fields(New()) == {"steps": 2500}
+    assert result_fields(New(extra="x"))["extra"] == "x" and "device" not in result_fields(Old(device="cpu"))
+    base = result_fields(ProbeOptions())
+    assert "min_steps" in base and not {"out", "device", "workers", "quiet", "save_heads"} & set(base)

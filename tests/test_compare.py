@@ -5,6 +5,7 @@ rows), and `report --html` as one self-contained file."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import os
 from html.parser import HTMLParser
 
@@ -126,9 +127,15 @@ def test_compare_table_and_forest_plot(results, cli, tmp_path):
     assert code == 0 and (tmp_path / "c.csv").read_text().startswith("compared,baseline,")
 
 
-def test_compare_refuses_results_over_different_eval_rows(results, cli):
+def test_compare_refuses_results_over_different_eval_rows(results, cli, tmp_path):
     _, out, far, _ = results
-    code, text, err = cli("report", out, far, "--compare", "head=linear-mean")
+    code, text, _ = cli("report", out, far)  # another eval store is another row, never a seed of the same cell
+    assert code == 0 and "te.zarr (120)" in text and "te2.zarr (110)" in text, text
+    # a store that reads as the same eval set but holds other rows: pooled in one row, so --compare refuses it
+    same = json.loads(Path(out).read_text().splitlines()[0])["eval_store"]
+    lines = [json.loads(line) for line in Path(far).read_text().splitlines()]
+    (tmp_path / "x.jsonl").write_text("\n".join(json.dumps(dict(r, eval_store=same)) for r in lines) + "\n")
+    code, text, err = cli("report", out, tmp_path / "x.jsonl", "--compare", "head=linear-mean")
     assert code == 2 and "different eval rows" in err and len(err.strip().splitlines()) == 1
     code, _, err = cli("report", out, "--compare", "nohead")
     assert code == 2 and "no result has head 'nohead'" in err

@@ -76,7 +76,7 @@ def report(
     attention: Optional[list[str]] = typer.Option(None, help="with --html: attention.json files (mimprobe "
                                                   "attention) to plot their [cls] entropy"),
 ):
-    """One comparison table across runs: rows model / dataset / subset / protocol, columns head kinds; cells
+    """One comparison table across runs: rows model / train → eval set / subset / protocol, columns head kinds; cells
     mean ± std over seeds [95 % bootstrap interval over eval rows]. --compare: paired differences to a baseline."""
     from mimprobe.report import build_table, load_results, plot_table, render
 

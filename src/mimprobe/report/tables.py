@@ -1,6 +1,6 @@
 """`mimprobe report`: result lines (from any number of runs and stores) → one comparison table.
 
-Rows: model / dataset / training subset / protocol; columns: head kinds; cells: mean ± std of eval top-1 over
+Rows: model / dataset (train → eval, with the eval rows) / training subset / protocol; columns: head kinds; cells: mean ± std of eval top-1 over
 seeds (std with ddof=1, as the probe's own table), the best head of each row marked.
 """
 
@@ -58,6 +58,11 @@ def _subset_label(s: dict) -> str:
     return "all"
 
 
+def _dataset_label(ds: dict) -> str:
+    root = os.path.basename(str(ds.get("root") or "").rstrip("/"))
+    return ":".join(x for x in (ds.get("source"), root if root != ds.get("source") else None, ds.get("split")) if x)
+
+
 def row_key(r: dict) -> tuple:
     m, ds, p = r["model"], r["train_store"], r["protocol"]
     if m["weights"] == "checkpoint":  # two checkpoints of one architecture are two models
@@ -65,8 +70,9 @@ def row_key(r: dict) -> tuple:
     else:
         weights = "random init" if m["weights"] == "random" else m["weights"]
     model = f"{m['name']} ({weights})"
-    root = os.path.basename(str(ds.get("root") or "").rstrip("/"))
-    dataset = ":".join(x for x in (ds.get("source"), root if root != ds.get("source") else None, ds.get("split")) if x)
+    # the eval store too: results on two eval sets are two rows, never seeds of one
+    ev = r.get("eval_store") or {}
+    dataset = f"{_dataset_label(ds)} → {_dataset_label(ev) or '?'} ({ev.get('num_samples', '?')})"
     tokens = "final-norm" if p["tokens"].startswith("final") else "raw"
     selection = "fixed lr/wd" if p["selection"].startswith("none") else "val split of train"
     dtype = r["train_store"].get("dtype") or "?"

@@ -39,6 +39,22 @@ def test_interval_is_scipy_percentile_bootstrap_on_the_same_predictions():
     assert stats.bootstrap_ci(a, seed=1) != (low, high)  # seeded: another seed, another draw
 
 
+def test_several_seeds_count_each_row_once_in_the_test():
+    """With S seeds a row is one observation: the test is the sign test over rows of the seed-mean difference
+    (McNemar's test is its S = 1 case), so repeating the same predictions S times leaves p unchanged."""
+    a, b = _fixed()
+    p1, oa, ob = stats.mcnemar_p(a, b)
+    p3, oa3, ob3 = stats.mcnemar_p(np.stack([a] * 3, 1), np.stack([b] * 3, 1))
+    assert (p3, oa3, ob3) == (p1, oa, ob)
+    rng = np.random.default_rng(1)
+    a2 = np.stack([a, rng.random(len(a)) < 0.5], 1)
+    b2 = np.stack([b, rng.random(len(a)) < 0.5], 1)
+    d = (a2.astype(int) - b2.astype(int)).sum(1)
+    p, oa, ob = stats.mcnemar_p(a2, b2)
+    assert (oa, ob) == (int((d > 0).sum()), int((d < 0).sum()))
+    assert p == pytest.approx(scipy.stats.binomtest(oa, oa + ob, 0.5).pvalue, abs=1e-15)
+
+
 def test_several_seeds_resample_rows_with_all_their_seeds():
     a, b = _fixed()
     m = np.stack([a, b], axis=1)

@@ -6,8 +6,12 @@ scored on the same rows (scipy.stats.bootstrap, scipy.stats.binomtest).
   all its seeds): the interval says how much the eval set's sampling moves the number; the seeds' spread is a
   separate column, never mixed in.
 * Paired difference A − B: the same row bootstrap of each row's (correct_A − correct_B), averaged over the
-  paired seeds; and the exact McNemar test: a two-sided binomial test (p = 1/2) on the discordant pairs (rows one
-  result gets right and the other wrong), their counts summed over the paired seeds.
+  paired seeds; and the exact McNemar test: a two-sided binomial test (p = 1/2) on the discordant rows (rows one
+  result gets right and the other wrong). With several seeds a row is still one observation (the eval rows are
+  what is sampled; its seeds are not independent draws): the test is the exact sign test over the rows of each
+  row's seed-mean difference, rows where A is right in more seeds than B against rows where B is — McNemar's
+  test is its one-seed case. Summing discordant pairs over seeds would count each row S times and make p-values
+  too small.
 * A difference *holds* when the McNemar p-value is below ``ALPHA`` and the interval excludes 0 (no correction
   for the number of comparisons).
 """
@@ -47,12 +51,14 @@ def bootstrap_ci(values: np.ndarray, resamples: int = B, level: float = LEVEL, s
 
 
 def mcnemar_p(a: np.ndarray, b: np.ndarray) -> tuple[float, int, int]:
-    """Exact McNemar p-value (two-sided) of paired correctness ``a``, ``b`` (any shape, same shape): returns
-    (p, rows only A got right, rows only B got right)."""
+    """Exact McNemar p-value (two-sided) of paired correctness ``a``, ``b``: (N,) or (N, S) rows × seeds, same
+    shape. With S > 1, the exact sign test over rows of each row's seed-mean difference (see module doc). Returns
+    (p, rows A gets right more often, rows B gets right more often)."""
     from scipy.stats import binomtest
 
     a, b = np.asarray(a, bool), np.asarray(b, bool)
-    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    d = (a.astype(int) - b.astype(int)).reshape(len(a), -1).sum(axis=1)  # per row, over its seeds
+    only_a, only_b = int((d > 0).sum()), int((d < 0).sum())
     if only_a + only_b == 0:
         return 1.0, 0, 0
     return float(binomtest(only_a, only_a + only_b, 0.5).pvalue), only_a, only_b
@@ -84,5 +90,6 @@ def paired(a: np.ndarray, b: np.ndarray) -> Paired:
 
 
 PAIRED_METHOD = (f"paired {METHOD} bootstrap over eval rows (B={B}, seed {SEED}; each row's correct_A - correct_B, "
-                 "averaged over the paired seeds) and exact McNemar test (binomial, discordant rows summed over "
-                 f"the paired seeds); holds = p < {ALPHA} and the interval excludes 0, no multiplicity correction")
+                 "averaged over the paired seeds) and exact McNemar test (binomial on the discordant rows; with "
+                 "several seeds the sign test over rows of each row's seed-mean difference, a row counted once); "
+                 f"holds = p < {ALPHA} and the interval excludes 0, no multiplicity correction")

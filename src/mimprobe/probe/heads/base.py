@@ -24,7 +24,6 @@ the ``mimprobe.heads`` entry point group; :func:`head_class` finds every kind, b
 
 from __future__ import annotations
 
-import copy
 import math
 import zlib
 
@@ -361,7 +360,12 @@ class GridHead(Head, nn.Module):
         """A one-member head holding member ``g`` (parameters and norm statistics), in this head's dtype."""
         cfg = self.config()
         one = create_head(cfg.pop("kind"), members=1, seed=self.seed, **cfg).to(self.weight.dtype)
-        one.load_state_dict(copy.deepcopy(self).keep_members([g]).state_dict())
+        # member g's slice of what :meth:`keep_members` cuts (every parameter, per-member norm statistics), the
+        # rest as it is: no copy of the whole grid
+        cut = {n for n, _ in self.named_parameters()}
+        if self.norm is not None and self.features is None:
+            cut |= {f"norm.{name}" for name in ("running_mean", "running_var")}
+        one.load_state_dict({k: v[g:g + 1] if k in cut else v for k, v in self.state_dict().items()})
         return one.train(self.training)
 
     @torch.no_grad()

@@ -35,6 +35,8 @@ def extract(
     layers: Optional[str] = typer.Option(None, help="more blocks to store, Python-style, e.g. -4,-8"),
     views: int = typer.Option(0, help="K augmented training views per image (RandomResizedCrop + flip)"),
     skip_bad: bool = typer.Option(False, help="mark undecodable images invalid and go on"),
+    store_attention: bool = typer.Option(False, help="also store the last block's [cls]→patch attention (N × heads "
+                                         "× patches, float16), for lf-attn"),
     decode: str = typer.Option("pil", help="pil: timm's own preprocessing (exact) | draft: large JPEGs decoded "
                                "at reduced size (faster, inexact) | gpu: JPEGs decoded on the device (inexact); "
                                "inexact choices are recorded in the store"),
@@ -56,6 +58,7 @@ def extract(
         crop_pct=crop_pct, dtype=dtype, format=format, batch_size=batch_size, workers=workers, device=device,
         limit=limit, seed=seed,
         chunk_rows=chunk_rows, layers=_numbers(layers, "--layers"), views=views, skip_bad=skip_bad,
+        store_attention=store_attention,
         overwrite=overwrite, quiet=quiet, image_column=image_column, label_column=label_column, decode=decode,
         repair=repair,
     )

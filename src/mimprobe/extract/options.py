@@ -33,6 +33,7 @@ class ExtractOptions:
     chunk_rows: int | None = None
     layers: list[int] = field(default_factory=list)
     views: int = 0
+    store_attention: bool = False  # also store the last block's [cls]→patch attention (extract/cls_attention.py)
     skip_bad: bool = False
     overwrite: bool = False
     repair: bool = False  # verify, un-mark damaged chunks, rewrite damaged index arrays / metadata, then resume

@@ -52,6 +52,7 @@ def _extract_options(plan: SuitePlan, sp, quiet: bool):
         crop_pct=m.crop_pct, dtype=m.dtype, format=s.format, batch_size=m.batch_size or ex.get("batch_size", 64),
         workers=ex.get("workers"), device=s.device, limit=sp.limit, seed=ex.get("seed", 0),
         chunk_rows=ex.get("chunk_rows"), layers=list(m.layers), views=m.views, skip_bad=ex.get("skip_bad", False),
+        store_attention=ex.get("store_attention", False),
         quiet=quiet, image_column=sp.dataset.image_column, label_column=sp.dataset.label_column)
 
 

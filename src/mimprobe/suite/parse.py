@@ -17,7 +17,8 @@ from mimprobe.suite.spec import (DEVICES, FORMATS, NAME_RE, PROBE_KEYS, DatasetS
 
 TOP = {"name": a_str, "stores": a_str, "out": a_str, "format": one_of(*FORMATS), "device": a_str,
        "extract": None, "probe": None, "slurm": None, "models": None, "datasets": None, "evaluations": None}
-EXTRACT = {"batch_size": an_int(1), "workers": an_int(0), "chunk_rows": an_int(1), "skip_bad": a_bool, "seed": an_int()}
+EXTRACT = {"batch_size": an_int(1), "workers": an_int(0), "chunk_rows": an_int(1), "skip_bad": a_bool, "seed": an_int(),
+           "store_attention": a_bool}
 PROBE_RUN = {"workers": an_int(0), "in_memory": a_bool, "checkpoint_every": a_float(0), "memory": a_size}
 SLURM = {"nodes": an_int(1), "gpus_per_node": an_int(0), "cpus_per_task": an_int(1), "time": a_str, "partition": a_str,
          "account": a_str, "setup": a_list(a_str, allow_empty=True), "sbatch": a_list(a_str, allow_empty=True),

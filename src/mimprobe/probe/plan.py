@@ -317,6 +317,12 @@ def _plan(opts, train, ev, device, ctx) -> ProbePlan:
     m = train.attrs["model"]
     has_cls = bool(m.get("has_class_token", train.num_prefix_tokens > 0))
     requested = _resolve_heads(opts, train, has_cls)
+    for _, kind, _ in requested:
+        if kind not in KNN and getattr(head_class(kind), "needs_attention", False):
+            for s in (train, ev):
+                if not s.attrs.get("attention"):
+                    raise UserError(f"--head {kind}: {s.path} holds no [cls] attention; extract it with "
+                                    "--store-attention")
     if opts.online:
         from mimprobe.probe import online
 

@@ -16,7 +16,7 @@ def probe(
     train_store: str = typer.Argument(..., help="store to train (and choose hyper-parameters) on"),
     eval_store: str = typer.Argument(..., help="store to report on (never used for choosing)"),
     head: Optional[list[str]] = typer.Option(None, "--head", help="head spec(s), repeat or comma list, options as "
-                                             "kind:key=value,... (default linear-cls,linear-mean,abmilp)"),
+                                             "kind:key=value,..., HEAD@B for block B alone (default linear-cls,linear-mean,abmilp)"),
     lr: Optional[str] = typer.Option(None, help="learning rates, comma list (default 1e-5,3e-5,...,3e-2; "
                                      "lars: base lr 0.1)"),
     wd: Optional[str] = typer.Option(None, help="weight decays, comma list (default 5e-4,5e-3,5e-2; lars: 0)"),

@@ -51,6 +51,9 @@ def test_head_at_block_equals_the_head_on_that_blocks_store(stores):
                                                                          layers=[-1], **kw))
     assert {r["head"]: r["head_blocks"] for r in recs} == {"linear-mean": [11], "linear-mean@-1": [11],
                                                            "linear-cls@-4": [8]}
+    recs = run_probe(stores["multi"], stores["multi_eval"], ProbeOptions(heads=["linear-mean", "linear-mean@-1"],
+                                                                         layers=[-1], **kw))
+    assert [r["head"] for r in recs] == ["linear-mean", "linear-mean@-1"]  # the same head, once
 
 
 @pytest.mark.parametrize("spec,needle", [("linear-mean@-3", "block -3 is not stored (blocks here: 8, 11)"),

@@ -387,6 +387,8 @@ def _plan(opts, train, ev, device, ctx) -> ProbePlan:
         heads.append(HeadPlan(key, kind, options, (pos_last,), trainer))
         if label and trainer != "knn":
             heads.append(HeadPlan(f"{key}@{label}", kind, options, multi, trainer))
+    seen: set[str] = set()  # `--layers -1` with HEAD@-1 names one head twice: kept once
+    heads = [h for h in heads if not (h.key in seen or seen.add(h.key))]
     for d in map(saved.head_dir, opts.pool_from):
         heads.append(HeadPlan(_pool_from_key(d), "knn-head", {"from": os.path.abspath(d)}, (pos_last,), "knn"))
     if ctx.active and any(h.trainer == "knn" for h in heads):

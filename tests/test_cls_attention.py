@@ -145,3 +145,15 @@ def test_refused_in_one_line(tmp_path, image_folder, cli, name, needle):
                          size, "--workers", "0", "--quiet", "--store-attention")
     one_line_error(code, err, "--store-attention", needle)
     assert not os.path.exists(tmp_path / "x.zarr")
+
+
+def test_with_views_the_center_crops_attention_is_stored(att_store, tmp_path, image_folder, tiny_ckpt):
+    from mimprobe.extract import ExtractOptions, extract
+
+    p = str(tmp_path / "v.zarr")
+    extract(TINY, image_folder, p, ExtractOptions(checkpoint=tiny_ckpt, img_size=32, chunk_rows=4, batch_size=8,
+                                                  workers=0, quiet=True, store_attention=True, views=1))
+    a, b = TokenStore.open(att_store["att"]), TokenStore.open(p)
+    rows = np.arange(a.num_samples)
+    torch.testing.assert_close(torch.from_numpy(b.read_attention(rows)), torch.from_numpy(a.read_attention(rows)),
+                               rtol=0, atol=2e-3)  # one batch of 2 views vs 1: the same images, float16

@@ -138,7 +138,8 @@ def test_resume_verify_repair_and_compress(att_store, tmp_path, image_folder, ti
 
 @pytest.mark.parametrize("name,needle", [("tiny_ijepa_gap", "has no [cls] token"),
                                          ("tiny_siglip", "has no [cls] token"),
-                                         ("tiny_eva02", "not a plain timm VisionTransformer")])
+                                         ("tiny_eva02", "not a timm VisionTransformer with timm's plain Attention"),
+                                         ("tiny_beit", "not a timm VisionTransformer with timm's plain Attention")])
 def test_refused_in_one_line(tmp_path, image_folder, cli, name, needle):
     size = "28" if name in ("tiny_ijepa_gap", "tiny_eva02") else "32"
     code, out, err = cli("extract", name, image_folder, str(tmp_path / "x.zarr"), "--no-pretrained", "--img-size",
@@ -157,3 +158,16 @@ def test_with_views_the_center_crops_attention_is_stored(att_store, tmp_path, im
     rows = np.arange(a.num_samples)
     torch.testing.assert_close(torch.from_numpy(b.read_attention(rows)), torch.from_numpy(a.read_attention(rows)),
                                rtol=0, atol=2e-3)  # one batch of 2 views vs 1: the same images, float16
+
+
+def test_registers_and_distillation_token_are_prefix_columns(tmp_path, image_folder):
+    """A DINOv2-with-registers and a distilled DeiT store the attention of [cls] on their patches only."""
+    from mimprobe.extract import ExtractOptions, extract
+
+    for name, size, heads in (("tiny_dinov2_reg4", 28, 2), ("tiny_deit_distilled", 32, 2)):
+        p = str(tmp_path / f"{name}.zarr")
+        extract(name, image_folder, p, ExtractOptions(pretrained=False, img_size=size, workers=0, quiet=True,
+                                                      store_attention=True))
+        s = TokenStore.open(p)
+        a = s.read_attention(np.arange(s.num_samples))
+        assert a.shape == (s.num_samples, heads, 4) and (a.sum(-1) < 1).all() and (a > 0).all()

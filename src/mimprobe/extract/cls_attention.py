@@ -7,8 +7,8 @@ block's input by a forward hook on the block's ``attn`` module (timm's ``Attenti
 ``k_norm``, ``scale``), for the [cls] query only (O(heads·T·D) per image), in float32; the model's own forward
 is not changed (fused attention stays on), so the stored tokens are the same with or without the option.
 
-Covered: timm ``VisionTransformer`` models with a [cls] token (registers and a distillation token are prefix
-tokens). Refused in one line: models without a [cls] (I-JEPA gap ViTs, SigLIP), Eva / Beit (rotary or relative
+Covered: timm ``VisionTransformer`` models (and subclasses: DeiT distilled) whose last block's attention is
+timm's plain ``Attention``, with a [cls] token (registers and a distillation token are prefix tokens). Refused in one line: models without a [cls] (I-JEPA gap ViTs, SigLIP), Eva / Beit (rotary or relative
 position terms inside the attention) and the hierarchical families.
 """
 
@@ -21,27 +21,24 @@ from torch import nn
 
 from mimprobe.errors import UserError
 
-NEEDED = ("qkv", "q_norm", "k_norm", "scale", "num_heads", "head_dim")
 
 
 def describe(bb, name: str) -> dict:
     """The store's ``attention`` attribute for backbone ``bb``, or a UserError when it has no [cls] attention to
     store."""
-    from timm.models.vision_transformer import VisionTransformer
+    from timm.models.vision_transformer import Attention, VisionTransformer
 
     m = bb.model
-    if not isinstance(m, VisionTransformer) or type(m).__name__ != "VisionTransformer":
-        raise UserError(f"--store-attention: MODEL {name} ({type(m).__name__}) is not a plain timm VisionTransformer "
-                        "(Eva / Beit add rotary or relative-position terms inside the attention, hierarchical models "
-                        "have no [cls]); extract without --store-attention")
+    attn = getattr(m.blocks[-1], "attn", None) if hasattr(m, "blocks") else None
+    if not isinstance(m, VisionTransformer) or type(attn) is not Attention:
+        raise UserError(f"--store-attention: MODEL {name} ({type(m).__name__}, attention "
+                        f"{type(attn).__name__ if attn is not None else 'none'}) is not a timm VisionTransformer with "
+                        "timm's plain Attention (Eva / Beit add rotary or relative-position terms inside the attention, "
+                        "hierarchical models have no [cls]); extract without --store-attention")
     if not bb.info.get("has_class_token"):
         raise UserError(f"--store-attention: MODEL {name} has no [cls] token (prefix tokens: "
                         f"{bb.info.get('prefix_tokens') or 'none'}), so no [cls]→patch attention; extract without "
                         "--store-attention")
-    attn = getattr(m.blocks[-1], "attn", None)
-    if attn is None or any(not hasattr(attn, a) for a in NEEDED):
-        raise UserError(f"--store-attention: MODEL {name}: its last block's attention is not timm's Attention "
-                        f"(needs {', '.join(NEEDED)}); extract without --store-attention")
     return {"block": len(m.blocks) - 1, "heads": int(attn.num_heads), "patches": int(bb.info["num_patches"]),
             "query": "cls", "dtype": "float16",
             "of": "softmax over all tokens of the [cls] query's logits q·k·scale, kept at the patch columns"}

@@ -98,6 +98,10 @@ def test_store_holds_the_attention_of_its_images(att_store, image_folder, tiny_c
         want = explicit_cls_attention(model, x)
     assert got.shape == (s.num_samples, 3, 4) and got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=2e-3, atol=1e-3)  # float16 storage
+    import mimprobe
+
+    api = mimprobe.open_store(att_store["att"])
+    assert np.array_equal(api.attention([5, 2]), s.read_attention(np.array([5, 2])))
     code, out, _ = cli("info", att_store["att"])
     assert code == 0 and "[cls]→patch of block 11: 3 heads × 4 patches" in out
     code, out, _ = cli("info", att_store["plain"])

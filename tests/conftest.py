@@ -79,8 +79,9 @@ def cli(capsys, monkeypatch):
 
 def synthetic_store(path, tokens, labels, *, chunk_rows=16, dtype="float16", num_prefix_tokens=1, class_names=None,
                     model_name="synthetic", ids=None, valid=None, views=None, blocks=None, num_blocks=12,
-                    final_norm=None, dataset_hash="synthetic"):
-    """A complete store holding the given float tokens (N, T, D) without running any model."""
+                    final_norm=None, dataset_hash="synthetic", attention=None):
+    """A complete store holding the given float tokens (N, T, D) without running any model (``attention``
+    (N, H, T − prefix): a stored [cls] attention, as ``extract --store-attention`` writes it)."""
     from mimprobe.cache_store import TokenStore
 
     tokens = torch.as_tensor(tokens, dtype=torch.float32)
@@ -100,6 +101,10 @@ def synthetic_store(path, tokens, labels, *, chunk_rows=16, dtype="float16", num
         "layers": sorted(set(list(blocks) + [num_blocks - 1])),
         "permutation_seed": 0,
     }
+    if attention is not None:
+        attention = torch.as_tensor(attention, dtype=torch.float32)
+        attrs["attention"] = {"block": num_blocks - 1, "heads": attention.shape[1], "patches": attention.shape[2],
+                              "query": "cls", "dtype": "float16", "of": "synthetic"}
     s = TokenStore.create(path, attrs=attrs, num_tokens=t, dim=d, labels=labels,
                           sample_ids=ids or [f"s{i:05d}" for i in range(n)], dtype=dtype, chunk_rows=chunk_rows,
                           blocks=tuple(blocks), views=0 if views is None else len(views), final_norm=final_norm)
@@ -107,6 +112,8 @@ def synthetic_store(path, tokens, labels, *, chunk_rows=16, dtype="float16", num
     for c in range(s.num_chunks):
         a, b = s.chunk_bounds(c)
         arrays = {"tokens": tokens[a:b]}
+        if attention is not None:
+            arrays["attention"] = attention[a:b]
         for k, v in blocks.items():
             arrays[f"blocks/{k}"] = torch.as_tensor(v, dtype=torch.float32)[a:b]
         for j, v in enumerate(views or []):

@@ -21,7 +21,7 @@ from mimprobe.probe.subsets import ids_hash
 
 pytestmark = pytest.mark.numerics  # rerun by .ci/run on the default CPU path
 
-SPECS = ["lf-rare", "lf-rare:ref=proto,k=4", "lf-proto:k=3"]
+SPECS = ["lf-rare", "lf-rare:ref=proto,k=4", "lf-proto:k=3", "lf-attn"]
 N, T, D, C = 96, 7, 8, 3
 
 
@@ -34,6 +34,13 @@ def _tokens(seed=0):
     return x, y.numpy()
 
 
+def _attention(seed=0, H=2):
+    """A stored [cls] attention (N, H, T − 1) that favours the unusual token (patch 1)."""
+    a = torch.rand(N, H, T, generator=torch.Generator().manual_seed(seed + 7))
+    a[:, :, 2] += 2.0
+    return (a / a.sum(-1, keepdim=True))[..., 1:]
+
+
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
     """The same tokens with true labels, shuffled labels, and labels set to -1 outside a 12-row subset."""
@@ -44,9 +51,10 @@ def stores(tmp_path_factory):
     hidden = np.full(N, -1)
     hidden[subset] = y[subset]
     xe, ye = _tokens(seed=1)
-    return {name: synthetic_store(d / f"{name}.zarr", x, labels, chunk_rows=32)
+    return {name: synthetic_store(d / f"{name}.zarr", x, labels, chunk_rows=32, attention=_attention())
             for name, labels in (("true", y), ("shuffled", shuffled), ("hidden", hidden))} | {
-        "eval": synthetic_store(d / "eval.zarr", xe, ye, chunk_rows=32), "subset": subset}
+        "eval": synthetic_store(d / "eval.zarr", xe, ye, chunk_rows=32, attention=_attention(1)), "subset": subset,
+        "plain": synthetic_store(d / "plain.zarr", x, y, chunk_rows=32)}
 
 
 def _fit_and_pool(path, spec, seed=3):
@@ -64,7 +72,10 @@ def test_pooling_is_the_same_whatever_the_labels(stores, spec):
     """Fitted on the same tokens with true, shuffled or mostly absent labels: the same pooler, bitwise, and the
     same pooled features of every row (one machine, one process)."""
     info, state, feats = _fit_and_pool(stores["true"], spec)
-    assert info["rows"] == N and info["fitted_on"].startswith("all usable train rows")
+    if spec == "lf-attn":  # nothing is fitted; the pooling is the stored attention's
+        assert info["rows"] == 0 and info["fitted_on"].startswith("nothing fitted")
+    else:
+        assert info["rows"] == N and info["fitted_on"].startswith("all usable train rows")
     for other in ("shuffled", "hidden"):
         info2, state2, feats2 = _fit_and_pool(stores[other], spec)
         assert info2 == {**info, "fit_seconds": info2["fit_seconds"]}, other
@@ -116,3 +127,26 @@ def test_few_shot_record_names_the_rows_the_pooler_was_fitted_on(stores, tmp_pat
 def test_label_free_heads_need_lbfgs(stores):
     with pytest.raises(UserError, match="label-free head's classifier is fitted by L-BFGS"):
         run_probe(stores["true"], stores["eval"], ProbeOptions(heads=["lf-proto"], optimizer="adamw", device="cpu"))
+
+
+def test_lf_attn_pools_with_the_stored_attention_and_predicts(stores, tmp_path):
+    """lf-attn's features are the stored attention (mean over heads, renormalized over the patches) times the
+    patch tokens, on train and eval rows alike; a saved lf-attn head predicts with the eval store's attention."""
+    recs = run_probe(stores["true"], stores["eval"], ProbeOptions(heads=["lf-attn"], shots=4, seeds=[0], quiet=True,
+                                                                  device="cpu", save_heads=str(tmp_path / "h")))
+    assert recs[0]["metrics"]["eval_top1"] > 0.6 and recs[0]["pooler"]["images"] == 0
+    headset, config = load_head(str(tmp_path / "h" / "lf-attn" / "seed0"))
+    head = headset.heads[config["key"]]
+    with TokenStore.open(stores["eval"]) as s:
+        pooled = label_free.pool(head, s, np.arange(N), ["tokens"], [0], None, torch.device("cpu"))
+        tokens = s.read_tokens(0, N).float()
+    a = _attention(1).half().float().mean(1)
+    want = torch.einsum("bn,bnd->bd", a / a.sum(1, keepdim=True), tokens[:, 1:])
+    assert torch.allclose(pooled.x[:, 0, 0], want, atol=1e-5)
+    res = run_predict(str(tmp_path / "h" / "lf-attn" / "seed0"), stores["eval"], None, device="cpu")
+    assert res["top1"] == pytest.approx(recs[0]["metrics"]["eval_top1"])
+
+
+def test_lf_attn_refuses_a_store_without_attention(stores):
+    with pytest.raises(UserError, match="plain.zarr holds no \\[cls\\] attention; extract it with --store-attention"):
+        run_probe(stores["plain"], stores["eval"], ProbeOptions(heads=["lf-attn"], device="cpu", quiet=True))

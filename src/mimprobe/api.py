@@ -123,6 +123,14 @@ class Store:
         out = out[0] if one else out
         return out.numpy() if numpy else out
 
+    def attention(self, rows=None) -> np.ndarray:
+        """The stored last-block [cls]→patch attention (n, heads, patches) float32 of ``rows`` (a sequence, or
+        ``None`` for every row) of a store extracted with ``--store-attention``; one error line otherwise."""
+        idx = np.arange(self.N) if rows is None else np.asarray(rows, dtype=np.int64).reshape(-1)
+        if len(idx) and (idx.min() < 0 or idx.max() >= self.N):
+            raise UserError(f"{self.path}: rows out of range (the store has {self.N} rows)")
+        return self._store.read_attention(idx)
+
     def _read_rows(self, idx: np.ndarray, name: str) -> torch.Tensor:
         from mimprobe.cache_store.reader import read_rows
 

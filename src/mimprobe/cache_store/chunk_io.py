@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from mimprobe.cache_store.integrity import ALGORITHM, StoreDamaged, crc
-from mimprobe.cache_store.schema import scales_name
+from mimprobe.cache_store.schema import ATTENTION, scales_name
 from mimprobe.errors import first_line
 
 VERIFY_READS_ENV = "MIMPROBE_VERIFY_READS"
@@ -126,7 +126,8 @@ class ChunkIO:
         return a, min(a + self.chunk_rows, self.num_samples)
 
     def write_chunk(self, c: int, arrays: dict[str, torch.Tensor], valid: np.ndarray) -> None:
-        """Write chunk ``c`` of every token array (float tensors, encoded here) and of ``valid``, then their
+        """Write chunk ``c`` of every token array (float tensors, encoded here; ``attention`` as float16) and of
+        ``valid``, then their
         checksums; flush. (:meth:`mark_done` comes after.)"""
         a, b = self.chunk_bounds(c)
         codec = self.codec
@@ -134,6 +135,11 @@ class ChunkIO:
         for name, x in arrays.items():
             if x.shape[0] != b - a:
                 raise ValueError(f"chunk {c} of {name}: {x.shape[0]} rows, expected {b - a}")
+            if name == ATTENTION:  # stored as float16 whatever the tokens' codec
+                v = np.ascontiguousarray(x.to(torch.float16).numpy())
+                self.backend.array(name)[a:b] = v
+                sums[name] = crc(v)
+                continue
             enc = codec.encode(x)
             self.backend.array(name)[a:b] = enc["values"]
             sums[name] = crc(enc["values"])
@@ -154,6 +160,22 @@ class ChunkIO:
     def mark_done(self, c: int) -> None:
         self.backend.array("done")[c] = 1
         self.backend.flush()
+
+    def read_attention(self, rows: np.ndarray) -> np.ndarray:
+        """The stored [cls]→patch attention (n, heads, patches) float32 of ``rows`` (``extract --store-attention``),
+        each chunk read checked as :meth:`chunk` checks it; a UserError when the store has none."""
+        from mimprobe.errors import UserError
+
+        if not self.attrs.get("attention"):
+            raise UserError(f"{self.path}: holds no [cls] attention; extract it with --store-attention")
+        rows = np.asarray(rows, dtype=np.int64)
+        att = self.attrs["attention"]
+        out = np.empty((len(rows), int(att["heads"]), int(att["patches"])), dtype=np.float32)
+        chunks = rows // self.chunk_rows
+        for c in np.unique(chunks):
+            at = np.flatnonzero(chunks == c)
+            out[at] = self.chunk(ATTENTION, int(c))[rows[at] - int(c) * self.chunk_rows]
+        return out
 
     def read_raw(self, name: str, start: int, stop: int) -> dict[str, np.ndarray]:
         """Stored arrays of rows ``start:stop`` of one token array: ``{"values": ..., ["scales": ...]}``

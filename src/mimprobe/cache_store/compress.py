@@ -24,7 +24,7 @@ from tqdm import tqdm
 from mimprobe.cache_store.codecs import PARAMS_GROUP, Codec, make_codec, reconstruction_error
 from mimprobe.cache_store.integrity import crc
 from mimprobe.cache_store.reader import load_rows
-from mimprobe.cache_store.schema import IDENTITY_KEYS, identity_diff
+from mimprobe.cache_store.schema import ATTENTION, IDENTITY_KEYS, identity_diff
 from mimprobe.cache_store.store import TokenStore
 from mimprobe.errors import UserError
 
@@ -182,7 +182,10 @@ def _code_chunks(src: TokenStore, dst: TokenStore, quiet: bool) -> int:
             a, b = dst.chunk_bounds(int(c))
             batch = load_rows(src, np.arange(a, b), arrays)  # each source chunk checked against its checksum
             x = batch.decode(codec)
-            dst.write_chunk(int(c), {name: x[:, i] for i, name in enumerate(arrays)}, valid[a:b])
+            out = {name: x[:, i] for i, name in enumerate(arrays)}
+            if dst.attrs.get("attention"):  # the stored [cls] attention is copied as it is
+                out[ATTENTION] = torch.from_numpy(src.read_attention(np.arange(a, b)))
+            dst.write_chunk(int(c), out, valid[a:b])
             dst.mark_done(int(c))
             written += 1
             bar.update(1)

@@ -45,6 +45,7 @@ def describe(store: TokenStore) -> list[tuple[str, str]]:
                            if m["final_norm"].get("applies_to") == "pooled" else "")
                         if m.get("final_norm") else "none")),
         ("views", str(store.num_views) if store.num_views else "center crop only"),
+        ("attention", attention_line(store.attrs.get("attention"))),
         ("preprocessing", f"{pp.get('input_size')} {pp.get('interpolation')} crop_pct={pp.get('crop_pct')} "
                           f"mean={pp.get('mean')} std={pp.get('std')}"),
         ("chunks", f"{int(done.sum())}/{store.num_chunks} done ({store.chunk_rows} rows each)"),
@@ -53,6 +54,13 @@ def describe(store: TokenStore) -> list[tuple[str, str]]:
         ("size on disk", human_bytes(store.size_on_disk())),
     ]
     return rows
+
+
+def attention_line(att: dict | None) -> str:
+    if not att:
+        return "not stored (extract --store-attention)"
+    return (f"[cls]→patch of block {att['block']}: {att['heads']} heads × {att['patches']} patches, {att['dtype']} "
+            "(softmax over all tokens, patch columns kept)")
 
 
 def codec_rows(store: TokenStore) -> list[tuple[str, str]]:

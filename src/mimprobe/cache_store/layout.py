@@ -13,7 +13,7 @@ import numpy as np
 
 from mimprobe.cache_store.codecs import PARAMS_GROUP, make_codec
 from mimprobe.cache_store.integrity import ALGORITHM, crc, strings_crc
-from mimprobe.cache_store.schema import INDEX_CHUNK_ROWS, SCHEMA_VERSION, chunk_rows_for, scales_name
+from mimprobe.cache_store.schema import ATTENTION, INDEX_CHUNK_ROWS, SCHEMA_VERSION, chunk_rows_for, scales_name
 from mimprobe.errors import UserError
 
 
@@ -69,6 +69,11 @@ def plan_layout(*, attrs: dict, num_tokens: int, dim: int, labels, sample_ids: l
         if side is not None:
             specs.append(ArraySpec(scales_name(name), (n, *side), np.dtype(np.float16), (chunk_rows, *side)))
             columns.append(scales_name(name))
+    att = attrs.get("attention")
+    if att:  # extract --store-attention: (N, heads, patches) float16, chunk-aligned and checksummed as tokens
+        row = (int(att["heads"]), int(att["patches"]))
+        specs.append(ArraySpec(ATTENTION, (n, *row), np.dtype(np.float16), (chunk_rows, *row)))
+        columns.append(ATTENTION)
     columns.append("valid")
     specs += [ArraySpec("labels", (n,), np.dtype(np.int64), (min(n, INDEX_CHUNK_ROWS),)),
               ArraySpec("sample_ids", (n,), str, (min(n, INDEX_CHUNK_ROWS),)),

@@ -11,6 +11,8 @@ name                   shape            meaning
 ``codec/{name}``       any              float32 parameters of a codec (rotation, PQ centroids, PCA basis)
 ``blocks/{k}``         (N, T, D)        block k (0-based) when ``--layers`` asks for more blocks
 ``views/{v}``          (N, T, D)        augmented training view v when ``--views K``
+``attention``          (N, H, P)        float16: the last block's [cls]→patch attention per head (P patch
+                                        tokens) when ``--store-attention`` (see extract/cls_attention.py)
 ``labels``             (N,)             int64, -1 where unknown
 ``sample_ids``         (N,)             str: path relative to the dataset root, or the dataset index
 ``valid``              (N,)             bool: False for samples skipped as unreadable
@@ -64,7 +66,9 @@ IDENTITY_KEYS = MODEL_KEYS + (
     "views",
     "chunk_rows",
     "permutation_seed",
+    "attention",
 )
+ATTENTION = "attention"  # the array of ``extract --store-attention`` (attrs["attention"] describes it)
 
 
 def resolve_layers(layers: list[int], num_blocks: int, allowed: range | None = None, model: str = "the model"

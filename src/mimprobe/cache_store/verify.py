@@ -3,7 +3,7 @@
 Checks, in this order: the attributes (the schema they promise), every array's metadata (present, with the shape,
 dtype and chunks the attributes imply), the ``done`` flags, the index arrays (``labels``, ``sample_ids``, the final
 norm: their CRCs in the attributes), the checksum record of every done chunk, and the data of every done chunk of
-every chunk-aligned array (token arrays, int8 scales, ``valid``): present, full size, CRC-32 of its rows equal to
+every chunk-aligned array (token arrays, int8 scales, the stored attention, ``valid``): present, full size, CRC-32 of its rows equal to
 the record. Data is read in storage order, each chunk mapped whole (no copy: the CRC runs over the page cache),
 two chunks in flight (the CRC releases the GIL), so a store on disk verifies at about the speed the disk reads.
 
@@ -24,7 +24,7 @@ from tqdm import tqdm
 from mimprobe.cache_store.formats import backend_class, infer_format
 from mimprobe.cache_store.integrity import ALGORITHM, ChunkProblem, StoreDamaged, crc, strings_crc
 from mimprobe.cache_store.codecs import PARAMS_GROUP, make_codec
-from mimprobe.cache_store.schema import SCHEMA_VERSION, scales_name
+from mimprobe.cache_store.schema import ATTENTION, SCHEMA_VERSION, scales_name
 from mimprobe.cache_store.verify_report import Damage, VerifyReport
 from mimprobe.errors import UserError, reason
 
@@ -43,6 +43,10 @@ def _expected_arrays(attrs: dict) -> dict[str, tuple[tuple, np.dtype | type, tup
         out[name] = ((n, *row), codec.storage_dtype, (c, *row))
         if side is not None:
             out[scales_name(name)] = ((n, *side), np.dtype(np.float16), (c, *side))
+    att = attrs.get("attention")
+    if att:
+        row = (int(att["heads"]), int(att["patches"]))
+        out[ATTENTION] = ((n, *row), np.dtype(np.float16), (c, *row))
     out["labels"] = ((n,), np.dtype(np.int64), None)  # index chunking changed over versions: not checked
     out["sample_ids"] = ((n,), str, None)
     out["valid"] = ((n,), np.dtype(np.bool_), (c,))
@@ -74,7 +78,7 @@ def chunk_columns(attrs: dict) -> list[str]:
         out.append(name)
         if quantized:
             out.append(scales_name(name))
-    return out + ["valid"]
+    return out + ([ATTENTION] if attrs.get("attention") else []) + ["valid"]
 
 
 def verify_store(path: str, fmt: str | None = None, *, quiet: bool = False, workers: int = 2) -> VerifyReport:

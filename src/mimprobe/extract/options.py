@@ -78,6 +78,9 @@ class ExtractOptions:
                                check=a_list(an_int(), allow_empty=True), suite="models.layers")
     views: int = option(0, "K augmented training views per image (RandomResizedCrop + flip)", check=an_int(0),
                         suite="models.views")
+    store_attention: bool = option(False, "also store the last block's [cls]→patch attention (N × heads × patches, "
+                                   "float16), for lf-attn (extract/cls_attention.py)", check=a_bool,
+                                   suite="extract.store_attention")
     skip_bad: bool = option(False, "mark undecodable images invalid and go on", check=a_bool, suite="extract.skip_bad",
                             run_option=True)
     overwrite: bool = option(False, "replace a store made with other settings", check=a_bool, run_option=True)

@@ -24,11 +24,12 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from mimprobe.cache_store.formats import backend_class, infer_format
-from mimprobe.cache_store.schema import resolve_layers
+from mimprobe.cache_store.schema import ATTENTION, resolve_layers
 from mimprobe.cache_store.store import TokenStore
 from mimprobe.data.sources import open_source, seeded_rows
 from mimprobe.distributed import all_gather_object, barrier, broadcast_object, init_distributed, resolve_device, run_on_main
 from mimprobe.errors import UserError
+from mimprobe.extract import cls_attention
 from mimprobe.extract.backbone import Backbone, block_tokens, load_backbone
 from mimprobe.extract.dataset import ChunkPlan, ExtractDataset, plan_chunks
 from mimprobe.extract.options import ExtractOptions, ExtractResult, validate
@@ -156,7 +157,9 @@ def extract_chunks(path: str, plan: ChunkPlan, bb: Backbone, dataset, opts: Extr
                                     f"it, or re-run with --skip-bad ({n_done} finished chunks are kept)")
                             reasons[int(r)] = why
                 b, v = x.shape[:2]
-                with autocast:
+                attn: list[torch.Tensor] = []
+                with autocast, (cls_attention.capture(bb.model, int(bb.info["num_prefix_tokens"]), attn)
+                                if opts.store_attention else contextlib.nullcontext()):
                     outs = block_tokens(bb.model, x.flatten(0, 1), layers)
                 arrays = {}
                 for k, out in zip(layers, outs):
@@ -167,6 +170,11 @@ def extract_chunks(path: str, plan: ChunkPlan, bb: Backbone, dataset, opts: Extr
                     arrays[names[k]] = out[:, 0]
                     if k == last:
                         arrays.update({f"views/{j - 1}": out[:, j] for j in range(1, v)})
+                if opts.store_attention:  # the center crop's (view 0); skipped samples as zeros
+                    a = attn[0].view(b, v, *attn[0].shape[1:])[:, 0].to(torch.float16)
+                    if not ok.all():
+                        a[torch.from_numpy(~ok).to(device)] = 0
+                    arrays[ATTENTION] = a.cpu()
                 # hand each finished chunk to the writer (a batch may hold several chunks, or part of one)
                 r0 = int(batch["row"][0])
                 pos = 0

@@ -13,6 +13,7 @@ import numpy as np
 import mimprobe
 from mimprobe.cache_store.store import TokenStore
 from mimprobe.errors import UserError, reason
+from mimprobe.extract import cls_attention
 from mimprobe.extract.backbone import Backbone
 from mimprobe.extract.dataset import preprocessing_attrs
 from mimprobe.extract.identity import extract_codec_params, settings_diff
@@ -33,6 +34,7 @@ def build_attrs(bb: Backbone, source, rows: np.ndarray, opts: ExtractOptions, la
         "dataset": ds,
         "layers": layers,
         "views": opts.views,
+        "attention": cls_attention.describe(bb, bb.info["name"]) if opts.store_attention else None,
         "view_transform": ({"kind": "RandomResizedCrop+hflip", "scale": [0.08, 1.0], "ratio": [0.75, 4 / 3],
                             "hflip": 0.5, "seeded_by": "(permutation_seed, sample, view)"} if opts.views else None),
         "permutation_seed": opts.seed,

@@ -14,6 +14,7 @@ import time
 import numpy as np
 import torch
 
+from mimprobe.errors import UserError
 from mimprobe.probe import subsets
 from mimprobe.probe.feed import Feeder
 from mimprobe.probe.heads.labelfree import LabelFreeHead
@@ -54,6 +55,9 @@ def fit(head: LabelFreeHead, store, rows: np.ndarray, arrays: list[str], positio
         seed: int, workers: int = 0) -> dict:
     """Fit ``head``'s pooler on the tokens of a seeded sample of ``rows``; returns what the record states."""
     t0 = time.perf_counter()
+    if not head.fits:  # nothing fitted (lf-attn: the backbone's own attention)
+        return {"fitted_on": "nothing fitted: the backbone's stored [cls] attention weighs the tokens", "rows": 0,
+                "images": 0, "seed": seed, "fit_seconds": 0.0}
     pick = draw(rows, head.options["images"], seed)
     x = read_tokens(store, pick, arrays, norm, workers)[:, positions]
     head.fit_pooler(x, seed)
@@ -67,9 +71,23 @@ def pool(head: LabelFreeHead, store, rows: np.ndarray, arrays: list[str], positi
     """``head``'s pooled features (n, L, 1, F) of ``rows``, along the run's blocks (``positions`` of them)."""
     token_norm = TokenNorm(norm).to(device) if norm is not None else None
     head = head.to(device)
+    side = attention_of(head, store, rows)
 
-    def fn(x):
+    def fn(x, r):
         x = token_norm(x) if token_norm is not None else x
-        return head.fitted_features(x.float()[:, positions])
+        return head.fitted_features(x.float()[:, positions], None if side is None else side(r))
 
-    return pool_with(fn, store, rows, arrays, ("fitted",), device, workers=workers, scratch=scratch)
+    return pool_with(fn, store, rows, arrays, ("fitted",), device, workers=workers, scratch=scratch, with_rows=True)
+
+
+def attention_of(head, store, rows: np.ndarray):
+    """For a head that pools with the store's [cls] attention: a function from rows (a subset of ``rows``) to
+    their attention (n, H, N), read once; None for any other head. A store without it: one error line."""
+    if not head.needs_attention:
+        return None
+    if not store.attrs.get("attention"):
+        raise UserError(f"--head {head.kind}: {store.path} holds no [cls] attention; extract it with "
+                        "--store-attention")
+    rows = np.sort(np.asarray(rows))
+    att = torch.from_numpy(store.read_attention(rows))
+    return lambda r: att[torch.from_numpy(np.searchsorted(rows, np.asarray(r)))]

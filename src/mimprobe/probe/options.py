@@ -41,7 +41,7 @@ a_fraction = a_float(0, 1, lo_open=True, hi_open=True)
 
 @dataclass
 class ProbeOptions:
-    heads: list[str] = option([], "head spec(s), repeat or comma list, options as kind:key=value,...",
+    heads: list[str] = option([], "head spec(s), repeat or comma list, options as kind:key=value,..., HEAD@B for block B alone",
                               kind="specs", flags=("--head",), show=",".join(DEFAULT_HEADS))
     lrs: list[float] = option([], "learning rates, comma list", kind="list", item=float, flags=("--lr",),
                               check=a_list(positive, allow_empty=True), suite="evaluations.lr",

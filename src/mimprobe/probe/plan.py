@@ -34,11 +34,12 @@ KNN_DEFAULT_POINT = (20, DINO_T, "weighted")  # with --val-fraction 0 (unless a 
 
 @dataclass(frozen=True)
 class HeadPlan:
-    key: str  # the name in results: spec (+ "@blocks" for multi-block heads)
+    key: str  # the name in results: spec (+ "@blocks" for multi-block heads, "@B" for a head on block B alone)
     kind: str
     options: dict
     positions: tuple[int, ...]  # along the batch's block axis
     trainer: str  # "sgd" (adamw / lars, one pass for all), "lbfgs" (full batch, pooled features) or "knn"
+    block: int | None = None  # ``HEAD@B``: the block (negative, from the end) it reads alone
 
     @property
     def label_free(self) -> bool:
@@ -113,17 +114,39 @@ def validate_options(opts: ProbeOptions) -> None:
     heads they name."""
     validate(opts)
     for spec in opts.heads:
-        parse_spec(spec)
+        parse_spec(spec.rpartition("@")[0] or spec)  # HEAD@B: the block is checked against the store
     for d in opts.pool_from:
         saved.head_dir(d, "--pool-from")
 
 
-def _resolve_heads(opts: ProbeOptions, train: TokenStore, has_cls: bool) -> list[tuple[str, str, dict]]:
-    """(key, kind, options) per requested head; [cls] heads refused (or, for the defaults, dropped) without [cls]."""
+def split_block(spec: str, train: TokenStore) -> tuple[str, int | None]:
+    """``'linear-mean@-4'`` → ``('linear-mean', -4)``: the head on block -4 alone (Python-style index, stored as
+    negative from the end); a spec without ``@`` → (spec, None)."""
+    head, at, block = spec.rpartition("@")
+    if not at:
+        return spec, None
+    nb = train.last_block + 1
+    try:
+        b = int(block)
+    except ValueError:
+        raise UserError(f"--head {spec}: after @ give one block index, e.g. {head}@-4") from None
+    if not -nb <= b < nb:
+        raise UserError(f"--head {spec}: the model has {nb} blocks (use 0..{nb - 1} or negative)")
+    train.block_array(b)  # stored, or one error line naming the blocks there are
+    return head, b % nb - nb
+
+
+def _resolve_heads(opts: ProbeOptions, train: TokenStore, has_cls: bool) -> list[tuple[str, str, dict, int | None]]:
+    """(key, kind, options, block) per requested head (block: ``HEAD@B``'s, else None); [cls] heads refused (or,
+    for the defaults, dropped) without [cls]."""
     specs = opts.heads or DEFAULT_HEADS
     out = {}
-    for spec in specs:
+    for full in specs:
+        spec, block = split_block(full, train)
         kind, options = parse_spec(spec)
+        if block is not None and head_class(kind).knn:
+            raise UserError(f"--head {full}: kNN reads the last block; choose another block with a linear head, "
+                            f"e.g. linear-mean@{block}")
         key = spec_key(kind, options)
         needs_cls = head_class(kind).needs_cls
         if needs_cls and not has_cls:
@@ -133,20 +156,23 @@ def _resolve_heads(opts: ProbeOptions, train: TokenStore, has_cls: bool) -> list
                                 f"{train.num_prefix_tokens} prefix tokens, none of them [cls]); use a head that "
                                 "pools the patch tokens, e.g. linear-mean or abmilp")
             continue
-        out.setdefault(key, (key, kind, options))
+        key = key if block is None else f"{key}@{block}"
+        out.setdefault(key, (key, kind, options, block))
     if not opts.heads and len(out) < len(specs):
         log.info("%s has no [cls] token: probing %s", train.path, ", ".join(out))
     return list(out.values())
 
 
-def _blocks(layers: list[int], train: TokenStore) -> tuple[list[str], list[int], int, str]:
-    """(arrays, absolute blocks, position of the last block, label of the multi-block heads)."""
+def _blocks(layers: list[int], train: TokenStore, single: list[int] = ()) -> tuple[list[str], list[int], int, str]:
+    """(arrays, absolute blocks, position of the last block, label of the multi-block heads (``--layers``));
+    ``single``: the blocks of ``HEAD@B`` heads, read too."""
     last = train.last_block
-    if not layers:
+    if not layers and not single:
         return ["tokens"], [last], 0, ""
     nb = last + 1
-    blocks = resolve_layers(layers, nb)
-    return [train.block_array(b) for b in blocks], blocks, blocks.index(last), ",".join(str(b - nb) for b in blocks)
+    blocks = resolve_layers(list(layers) + list(single), nb)
+    label = ",".join(str(b - nb) for b in resolve_layers(layers, nb)) if layers else ""
+    return [train.block_array(b) for b in blocks], blocks, blocks.index(last), label
 
 
 def check_lbfgs(spec: str) -> None:
@@ -246,13 +272,19 @@ def _plan(opts, train, ev, device, ctx) -> ProbePlan:
     m = train.attrs["model"]
     has_cls = bool(m.get("has_class_token", train.num_prefix_tokens > 0))
     requested = _resolve_heads(opts, train, has_cls)
+    for _, kind, _, _ in requested:
+        if head_class(kind).needs_attention:
+            for s in (train, ev):
+                if not s.attrs.get("attention"):
+                    raise UserError(f"--head {kind}: {s.path} holds no [cls] attention; extract it with "
+                                    "--store-attention")
     if opts.online:
         from mimprobe.probe import online
 
-        online.check_options(opts, train, ctx.active, [kind for _, kind, _ in requested])
+        online.check_options(opts, train, ctx.active, [kind for _, kind, _, _ in requested])
     if opts.final_norm and train.final_norm() is None:
         raise UserError(f"--final-norm: {train.path} holds no final-norm parameters (the model has none)")
-    arrays, blocks, pos_last, label = _blocks(opts.layers, train)
+    arrays, blocks, pos_last, label = _blocks(opts.layers, train, [b for *_, b in requested if b is not None])
     for b in blocks:
         ev.block_array(b)
     usable, eval_rows, num_classes = _rows(train, ev, opts, ctx)
@@ -264,21 +296,28 @@ def _plan(opts, train, ev, device, ctx) -> ProbePlan:
     if opts.center_view and not views:
         raise UserError(f"--center-view: {train.path} holds no augmented views (extract it with --views K)")
     train_views = (("tokens",) if opts.center_view else ()) + tuple(f"views/{v}" for v in range(views))
-    feats = {kind: head_class(kind).features or () for _, kind, _ in requested}
+    feats = {kind: head_class(kind).features or () for _, kind, _, _ in requested}
     feature_names = pooling.ordered(n for f in feats.values() for n in f)
     # a label-free head's own features (one head at a time, all blocks for its multi-block form)
     own = max((create_head(kind, dim=train.dim, num_classes=2, num_blocks=len(blocks), **options).feature_dim()
-               for _, kind, options in requested if head_class(kind).label_free), default=0)
+               for _, kind, options, _ in requested if head_class(kind).label_free), default=0)
     pooled_bytes = (len(usable) + len(eval_rows)) * (len(blocks) * max(1, len(feature_names)) * train.dim + own) * 4
     pooled_in_memory = fits_in_memory(pooled_bytes, torch.device("cpu"))
     lbfgs_ok = not ctx.active and views == 0 and pooled_in_memory and not opts.online
     sgd_opt = "adamw" if opts.optimizer in ("auto", "lbfgs") else opts.optimizer
+    nb = train.last_block + 1
+    multi = tuple(i for i, b in enumerate(blocks) if b in resolve_layers(opts.layers, nb)) if label else ()
     heads = []
-    for key, kind, options in requested:
+    for key, kind, options, block in requested:
         trainer = _trainer(kind, opts, lbfgs_ok)
+        if block is not None:  # HEAD@B: that block alone
+            heads.append(HeadPlan(key, kind, options, (blocks.index(block % (train.last_block + 1)),), trainer, block))
+            continue
         heads.append(HeadPlan(key, kind, options, (pos_last,), trainer))
         if label and trainer != "knn":
-            heads.append(HeadPlan(f"{key}@{label}", kind, options, tuple(range(len(blocks))), trainer))
+            heads.append(HeadPlan(f"{key}@{label}", kind, options, multi, trainer))
+    seen: set[str] = set()  # `--layers -1` with HEAD@-1 names one head twice: kept once
+    heads = [h for h in heads if not (h.key in seen or seen.add(h.key))]
     for d in map(saved.head_dir, opts.pool_from):
         heads.append(HeadPlan(_pool_from_key(d), "knn-head", {"from": os.path.abspath(d)}, (pos_last,), "knn"))
     if ctx.active and any(h.trainer == "knn" for h in heads):

@@ -80,9 +80,10 @@ def pool_rows(store, rows: np.ndarray, arrays: list[str], features: tuple[str, .
 
 def pool_with(fn, store, rows: np.ndarray, arrays: list[str], features: tuple[str, ...], device: torch.device, *,
               workers: int = 0, ctx: DistContext = DistContext(), batch_size: int = 1024,
-              scratch: str | None = None) -> Pooled:
+              scratch: str | None = None, with_rows: bool = False) -> Pooled:
     """Stream ``rows`` of ``store`` (this rank's chunks under torchrun) and keep ``fn(tokens)`` (B, L, K, D) of
-    every sample: into ``scratch/<name>.npy`` when ``scratch`` is given (one process), else in memory."""
+    every sample (``fn(tokens, rows)`` with ``with_rows``): into ``scratch/<name>.npy`` when ``scratch`` is given
+    (one process), else in memory."""
     t0 = time.perf_counter()
     stream = Feeder(store, rows, batch_size, device=device, arrays=arrays, shuffle=False, seed=0, in_memory=False,
                     workers=workers, ctx=ctx)
@@ -91,8 +92,8 @@ def pool_with(fn, store, rows: np.ndarray, arrays: list[str], features: tuple[st
     xs, ys, got = [], [], []
     with torch.no_grad():
         for b in stream:
-            f = fn(b.decode(stream.codec)).float().cpu()
             r = b.rows.cpu().numpy()
+            f = (fn(b.decode(stream.codec), r) if with_rows else fn(b.decode(stream.codec))).float().cpu()
             if scratch is not None:
                 if out is None:
                     path = os.path.join(scratch, f"pooled-{len(os.listdir(scratch))}.npy")

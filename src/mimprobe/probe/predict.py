@@ -9,7 +9,7 @@ from mimprobe.cache_store.schema import MODEL_KEYS, identity_diff
 from mimprobe.cache_store.store import TokenStore
 from mimprobe.distributed import resolve_device
 from mimprobe.errors import UserError
-from mimprobe.probe import subsets
+from mimprobe.probe import label_free, subsets
 from mimprobe.probe.feed import Feeder
 from mimprobe.probe.saved import head_blocks, load_head
 from mimprobe.probe.trainer import predict
@@ -37,7 +37,9 @@ def run_predict(head_dir: str, store_path: str, out: str | None, batch_size: int
             writer = csv.writer(f) if f else None
             if writer:
                 writer.writerow(["sample_id", "label", "pred", "pred_name", "prob", "top5"])
-            for r, y, top, p in predict(headset, feed):
+            side = next((label_free.attention_of(h, store, rows) for h in headset.heads.values()
+                         if h.needs_attention), None)
+            for r, y, top, p in predict(headset, feed, attention=side):
                 has = y >= 0
                 labelled += int(has.sum())
                 correct += int((top[:, 0] == y)[has].sum())

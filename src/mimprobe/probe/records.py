@@ -97,6 +97,7 @@ def make_record(plan: ProbePlan, split: Split, head: HeadPlan, out, preds_file: 
         "head": head.key,
         "head_kind": head.kind,
         "head_options": dict(head.options),
+        "head_blocks": [plan.blocks[p] for p in head.positions],
         "params": one.num_parameters() if one is not None else 0,
         "seed": split.seed,
         "model": model_ref(train),

@@ -24,7 +24,7 @@ from mimprobe.probe import knn, label_free
 from mimprobe.probe.feed import Feeder
 from mimprobe.probe.halving import ranking
 from mimprobe.probe.lbfgs import fit_lbfgs
-from mimprobe.probe.metrics import rankme
+from mimprobe.probe.metrics import alpha_req, rankme
 from mimprobe.options import result_fields
 from mimprobe.probe.options import DINO_T, ProbeOptions
 from mimprobe.probe.plan import KNN_DEFAULT_POINT, HeadPlan, ProbePlan, Split, make_plan
@@ -228,7 +228,7 @@ def _fit_linear(plan: ProbePlan, split: Split, heads: list[HeadPlan], headset: H
     eval_feed = peval.feeder(plan.eval_rows, bs, plan.device, False, 0)
     out = _choose(plan, heads, headset, val_feed, eval_feed, [{"l2": c} for c in plan.l2], result, [])
     for key, o in out.items():
-        o.extra = dict(extra or {}, rankme=ranks[key])
+        o.extra = dict(extra or {}, **ranks[key])
     return out
 
 
@@ -237,15 +237,16 @@ RANKME_ROWS = 4096
 
 @torch.no_grad()
 def feature_ranks(headset: HeadSet, ptrain: Pooled, rows, seed: int, device: torch.device) -> dict[str, dict]:
-    """RankMe of each head's standardized pooled features (what its classifier reads) on a seeded sample of the
-    usable train rows: a label-free score of the features (Garrido et al. 2023)."""
+    """RankMe (Garrido et al. 2023) and α-ReQ (Agrawal et al. 2022) of each head's standardized pooled features
+    (what its classifier reads) on a seeded sample of the usable train rows: label-free scores of the features."""
     sample = label_free.draw(rows, RANKME_ROWS, seed)
     x = ptrain.take(sample).x.to(device)
     out = {}
     for key, head, src in headset.head_inputs(x, pooled=True):
         z = head.norm(head.pool(src))[0]
-        out[key] = {"value": round(rankme(z), 3), "rows": int(len(sample)),
-                    "on": "standardized pooled features of a seeded sample of the usable train rows, labels not read"}
+        on = {"rows": int(len(sample)),
+              "on": "standardized pooled features of a seeded sample of the usable train rows, labels not read"}
+        out[key] = {"rankme": {"value": round(rankme(z), 3), **on}, "alpha_req": {"value": round(alpha_req(z), 4), **on}}
     return out
 
 

@@ -127,8 +127,9 @@ class HeadSet(nn.Module):
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(x) if self.norm is not None else x
 
-    def head_inputs(self, x: torch.Tensor, pooled: bool = False):
-        """(key, head, what the head reads) for every head: its blocks of the tokens, or of their features."""
+    def head_inputs(self, x: torch.Tensor, pooled: bool = False, attention: torch.Tensor | None = None):
+        """(key, head, what the head reads) for every head: its blocks of the tokens, or of their features
+        (``attention``: the store's [cls] attention of the batch's rows, for a head that pools with it)."""
         if pooled:
             feats = x
         else:
@@ -140,14 +141,15 @@ class HeadSet(nn.Module):
             if pos != list(range(src.shape[1])):
                 src = src[:, pos]
             if head.label_free:  # pooled: the batch is this head's own features (a head set of one head)
-                yield key, head, src if pooled else head.fitted_features(src)
+                yield key, head, src if pooled else head.fitted_features(src, attention)
                 continue
             if head.features is not None and head.features != self.features:
                 src = src[:, :, [self.features.index(n) for n in head.features]]
             yield key, head, src
 
-    def forward(self, x: torch.Tensor, pooled: bool = False) -> dict[str, torch.Tensor]:
-        return {key: head(src) for key, head, src in self.head_inputs(x, pooled)}
+    def forward(self, x: torch.Tensor, pooled: bool = False, attention: torch.Tensor | None = None
+                ) -> dict[str, torch.Tensor]:
+        return {key: head(src) for key, head, src in self.head_inputs(x, pooled, attention)}
 
     def pooled_vectors(self, x: torch.Tensor, pooled: bool = False) -> dict[str, torch.Tensor]:
         """Each head's pooled vector (G, B, F), before its norm and classifier (what kNN over a head uses)."""
@@ -339,12 +341,14 @@ def evaluate(headset: HeadSet, feeder: Feeder, device: torch.device,
 
 
 @torch.no_grad()
-def predict(headset: HeadSet, feeder: Feeder, k: int = 5):
-    """Yields (rows, labels, top-k indices, top-k probabilities) per batch for a one-member head set."""
+def predict(headset: HeadSet, feeder: Feeder, k: int = 5, attention=None):
+    """Yields (rows, labels, top-k indices, top-k probabilities) per batch for a one-member head set
+    (``attention``: rows → their stored [cls] attention, for a head that pools with it)."""
     headset.eval()
     feeder.set_epoch(0)
     for batch in feeder:
-        (lg,) = headset(batch.decode(feeder.codec), pooled=feeder.pooled).values()
+        att = None if attention is None else attention(batch.rows.cpu().numpy())
+        (lg,) = headset(batch.decode(feeder.codec), pooled=feeder.pooled, attention=att).values()
         p = lg[0].softmax(-1)
         top = p.topk(min(k, p.shape[-1]), dim=-1)
         yield batch.rows.cpu(), batch.y.cpu(), top.indices.cpu(), top.values.cpu()

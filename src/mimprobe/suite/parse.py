@@ -215,8 +215,9 @@ def _heads(c: _Collector, label: str, raw) -> tuple[str, ...] | None:
     out, ok = [], True
     for spec in specs:
         spec = spec.strip()
+        head, at, block = spec.rpartition("@")  # HEAD@B: the head on block B alone (checked against the store)
         try:
-            out.append(spec_key(*parse_spec(spec)))
+            out.append(spec_key(*parse_spec(head)) + at + block if at else spec_key(*parse_spec(spec)))
         except UserError as e:
             msg = str(e)
             msg = msg.split(": ", 1)[1] if msg.startswith("--head ") else msg

@@ -55,7 +55,9 @@ class StorePlan:
         ex = suite.extract
         return stable_hash({"model": self.model.identity(), "data": self.data, "limit": self.limit,
                             "columns": [self.dataset.image_column, self.dataset.label_column],
-                            "chunk_rows": ex.get("chunk_rows"), "seed": ex.get("seed", 0), "format": suite.format})
+                            "chunk_rows": ex.get("chunk_rows"), "seed": ex.get("seed", 0), "format": suite.format,
+                            # only when set: the definitions of stores made before the option stay as they were
+                            **({"store_attention": True} if ex.get("store_attention") else {})})
 
 
 @dataclass(frozen=True)

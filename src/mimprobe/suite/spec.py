@@ -147,7 +147,7 @@ class Suite:
     out: str  # folder of results.jsonl, runs/, report/
     format: str = "zarr"
     device: str = "auto"
-    extract: dict = field(default_factory=dict)  # batch_size, workers, chunk_rows, skip_bad, seed
+    extract: dict = field(default_factory=dict)  # batch_size, workers, chunk_rows, skip_bad, seed, store_attention
     probe: dict = field(default_factory=dict)  # workers, in_memory, checkpoint_every, memory
     slurm: dict = field(default_factory=dict)
     models: tuple[ModelSpec, ...] = ()

@@ -166,8 +166,8 @@ def spec_key(kind: str, options: dict) -> str:
 
 
 def is_knn(spec: str) -> bool:
-    """Whether the head of ``spec`` is a kNN head (:mod:`.knn`)."""
-    return head_class(parse_spec(spec)[0]).knn
+    """Whether the head of ``spec`` (``HEAD`` or ``HEAD@B``) is a kNN head (:mod:`.knn`)."""
+    return head_class(parse_spec(spec.rpartition("@")[0] or spec)[0]).knn
 
 
 def create_head(kind: str, **kwargs) -> "GridHead":
@@ -243,6 +243,7 @@ class Head:
     features: tuple[str, ...] | None = None  # pooled features read instead of tokens (see module doc)
     needs_cls = False
     label_free = False  # pooling fitted without labels on the train store (heads/labelfree.py), then L-BFGS
+    needs_attention = False  # reads the store's [cls] attention (extract --store-attention)
     knn = False  # a kNN head: no parameters, k and T chosen on the validation rows (probe/knn.py)
     internal = False  # made by the run itself, not by --head (summary says how to ask for it)
     paper = ""  # where the definition comes from (the head table, docs/heads.md)

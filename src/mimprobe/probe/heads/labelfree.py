@@ -26,6 +26,7 @@ IMAGES = (2000, int)  # images whose tokens the pooler is fitted on (a seeded sa
 class LabelFreeHead(GridHead):
     features: tuple[str, ...] = ()
     label_free = True
+    fits = True  # has a state fitted on train tokens (else :func:`label_free.fit` reads none)
 
     def build(self) -> None:
         L, D = self.num_blocks, self.dim
@@ -65,8 +66,9 @@ class LabelFreeHead(GridHead):
         """Tokens t and their standardized z (B, L, N, D) → pooled (B, L, width)."""
         raise NotImplementedError
 
-    def fitted_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Tokens (B, L, T, D) → this head's pooled features (B, L, 1, F)."""
+    def fitted_features(self, x: torch.Tensor, attention: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens (B, L, T, D) (and, for a head that ``needs_attention``, the store's [cls] attention (B, H, N) of
+        the same rows) → this head's pooled features (B, L, 1, F)."""
         t = self.tokens(x)
         return self.embed(t, self.standardize(t)).unsqueeze(2)
 
@@ -164,3 +166,40 @@ class Prototypes(LabelFreeHead):
         if self.options["norm"] == "power":  # improved Fisher vectors / VLAD (Perronnin et al. 2010)
             f = torch.nn.functional.normalize(f.sign() * f.abs().sqrt(), dim=-1)
         return f
+
+
+@register("lf-attn")
+class ClsAttention(LabelFreeHead):
+    paper = ("label-free; the backbone's own last-block [cls]→patch attention as the token weights (stored by "
+             "`extract --store-attention`), as DINO's attention maps segment objects (Caron et al. 2021) and "
+             "attention-based token selection reads them (e.g. EViT, Liang et al. 2022)")
+    summary = ("the stored [cls]→patch attention of the last block, averaged (heads=mean) or maxed (heads=max) "
+               "over the attention heads, raised to 1/t and renormalized over the patches, weights the patch "
+               "tokens of every block read; weighted sum")
+    OPTIONS = {"heads": ("mean", ("mean", "max")), "t": (1.0, float)}
+    fits = False
+    needs_attention = True
+
+    def build_pooler(self) -> None:
+        if self.options["t"] <= 0:
+            raise UserError(f"--head {self.kind}: t must be positive (t={self.options['t']})")
+
+    def width(self) -> int:
+        return self.dim
+
+    def weights(self, attention: torch.Tensor) -> torch.Tensor:
+        """The store's attention (B, H, N) → token weights (B, N)."""
+        a = attention.float().clamp_min(0)
+        a = a.mean(1) if self.options["heads"] == "mean" else a.amax(1)
+        a = a.pow(1.0 / self.options["t"])
+        return a / a.sum(-1, keepdim=True).clamp_min(1e-12)
+
+    def fitted_features(self, x, attention=None):
+        if attention is None:
+            raise UserError(f"--head {self.kind}: pools with the store's [cls] attention, which was not given; "
+                            "extract the store with --store-attention")
+        t = self.tokens(x)
+        if attention.shape[-1] != t.shape[2]:
+            raise UserError(f"--head {self.kind}: the stored attention covers {attention.shape[-1]} patches, the "
+                            f"tokens {t.shape[2]}")
+        return torch.einsum("bn,blnd->bld", self.weights(attention.to(t.device)), t).unsqueeze(2)

@@ -159,10 +159,12 @@ def summarize(lines: list[dict], name: str, choose) -> dict:
 
 
 def check_trace(line: dict) -> None:
-    """The trace's final scores give the full run's own choice and eval top-1 (the offline search reads them)."""
+    """The trace's final scores give the full run's own choice (the same validation pass) and its eval top-1, up
+    to the last bits: the record evaluates the chosen member alone, and for heads whose products are not batched
+    over the members a row on a knife-edge may flip (docs/protocol.md, "Successive halving", exactness)."""
     for head, rec in line["records"].items():
         sim = simulate(line, head, None)
-        if sim["member"] != rec["chosen"] or abs(sim["eval_top1"] - 100 * rec["eval_top1"]) > 1e-6:
+        if sim["member"] != rec["chosen"] or abs(sim["eval_top1"] - 100 * rec["eval_top1"]) > 0.05:
             raise SystemExit(f"{head} seed {line['seed']}: the trace says member {sim['member']} "
                              f"({sim['eval_top1']:.2f}), the run chose {rec['chosen']} ({100 * rec['eval_top1']:.2f})")
 
@@ -202,7 +204,8 @@ def main(argv=None):
     p.add_argument("--min-steps", type=int, default=None, help=f"step floor (default {MIN_STEPS}; quick 100)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--configs", default=";".join(CONFIGS), help="halving configs RUNGS:KEEP separated by ;")
-    p.add_argument("--traces", default=os.path.join(_bench.RESULTS, "grid_search_traces.jsonl"))
+    p.add_argument("--traces", default=os.path.join(_bench.RESULTS, "grid_search_traces.jsonl"),
+                   help="JSON-lines files of traces, comma-separated: all are read, new traces go to the first")
     p.add_argument("--offline", action="store_true", help="only search the traces already in --traces")
     p.add_argument("--real", default=None, metavar="RUNGS:KEEP", help="also run full and this config for real")
     a = _bench.finish_args(p.parse_args(argv), quick={"seeds": "0", "min_steps": 100, "heads": "abmilp,max"},
@@ -210,10 +213,10 @@ def main(argv=None):
     a.heads = a.heads.split(",")
     _bench.set_threads(a.threads)
     load0 = _bench.load_now()
-    lines = []
-    if os.path.isfile(a.traces):
-        with open(a.traces, encoding="utf-8") as f:
-            lines = [json.loads(t) for t in f if t.strip()]
+    lines, files = [], a.traces.split(",")
+    for path in (p for p in files if os.path.isfile(p)):
+        with open(path, encoding="utf-8") as f:
+            lines += [json.loads(t) for t in f if t.strip()]
     real_runs = []
     if not a.offline:
         with fx.workdir(a.workdir, "grid-search") as tmp:
@@ -223,7 +226,7 @@ def main(argv=None):
                     line = next((t for t in lines if (t["train"], t["seed"], t["heads"], t["min_steps"]) == key), None)
                     if line is None:
                         line = json.loads(json.dumps(traced(train, test, a, seed)))
-                        with open(a.traces, "a", encoding="utf-8") as f:
+                        with open(files[0], "a", encoding="utf-8") as f:
                             f.write(json.dumps(line) + "\n")
                         lines.append(line)
                         print(f"{os.path.basename(train)} seed {seed}: traced full grid {line['seconds']:.0f} s",

@@ -15,9 +15,9 @@ average and never below −1 pt, ≥ 3× less wall time. Beside halving, early s
 validation loss (patience in trace points) is simulated the same way (a stopped member keeps the parameters it
 had at its stop, so its scores are the trace's at that step).
 
-``--real RUNGS:KEEP``: for the first store and seed, also run ``--grid-search full`` (untraced) and that halving
-config for real, one after the other (wall time side by side), and check that the real halving run chose the
-member the simulation says (and the real full run the traced run's member).
+``--real RUNGS:KEEP[;...]``: for the first store and seed, also run ``--grid-search full`` (untraced) and each
+halving config for real, one after the other (wall time side by side), and check that each real halving run chose
+the member the simulation says with the member-steps it says (and the real full run the traced run's member).
 
 Traces are appended to ``--traces`` (JSON lines, one per store × seed; a line already there for the same store,
 seed, heads and step floor is reused, so runs can be split and resumed); ``--offline`` only re-reads them.
@@ -169,24 +169,27 @@ def check_trace(line: dict) -> None:
                              f"({sim['eval_top1']:.2f}), the run chose {rec['chosen']} ({100 * rec['eval_top1']:.2f})")
 
 
-def real(line: dict, a, config: str) -> dict:
-    """Full (untraced) then halving ``config`` for real, timed side by side; their choices against the trace's."""
-    h = parse_config(config)
+def real(line: dict, a, configs: list[str]) -> dict:
+    """Full (untraced), then each halving config, for real, timed side by side; their choices against the trace's."""
     load0 = _bench.load_now()
     full, t_full = probe(line["train"], line["eval"], a, line["seed"])
-    halv, t_halv = probe(line["train"], line["eval"], a, line["seed"], "halving", h)
-    out = {"config": config, "seed": line["seed"], "store": line["train"], "full_s": t_full, "halving_s": t_halv,
-           "wall_ratio": t_full / t_halv, "load_before": load0, "load_after": _bench.load_now(), "heads": {}}
-    for f, r in zip(full, halv):
-        sim = simulate(line, r["head"], h)
-        out["heads"][r["head"]] = {
-            "full_member": f["chosen"]["member"], "traced_full_member": line["records"][r["head"]]["chosen"],
-            "halving_member": r["chosen"]["member"], "simulated_member": sim["member"],
-            "member_steps": r["training"]["search"]["member_steps"], "simulated_member_steps": sim["member_steps"],
-            "full_top1": 100 * f["metrics"]["eval_top1"], "halving_top1": 100 * r["metrics"]["eval_top1"]}
-    out["simulation_matches"] = all(v["halving_member"] == v["simulated_member"]
-                                    and v["member_steps"] == v["simulated_member_steps"]
-                                    and v["full_member"] == v["traced_full_member"] for v in out["heads"].values())
+    out = {"seed": line["seed"], "store": line["train"], "full_s": t_full, "load_before": load0, "configs": {}}
+    for config in configs:
+        h = parse_config(config)
+        halv, t_halv = probe(line["train"], line["eval"], a, line["seed"], "halving", h)
+        c = out["configs"][config] = {"halving_s": t_halv, "wall_ratio": t_full / t_halv, "heads": {}}
+        for f, r in zip(full, halv):
+            sim = simulate(line, r["head"], h)
+            c["heads"][r["head"]] = {
+                "full_member": f["chosen"]["member"], "traced_full_member": line["records"][r["head"]]["chosen"],
+                "halving_member": r["chosen"]["member"], "simulated_member": sim["member"],
+                "member_steps": r["training"]["search"]["member_steps"], "simulated_member_steps": sim["member_steps"],
+                "full_top1": 100 * f["metrics"]["eval_top1"], "halving_top1": 100 * r["metrics"]["eval_top1"],
+                "simulated_top1": sim["eval_top1"]}
+        c["simulation_matches"] = all(v["halving_member"] == v["simulated_member"]
+                                      and v["member_steps"] == v["simulated_member_steps"]
+                                      and v["full_member"] == v["traced_full_member"] for v in c["heads"].values())
+    out["load_after"] = _bench.load_now()
     return out
 
 
@@ -207,7 +210,8 @@ def main(argv=None):
     p.add_argument("--traces", default=os.path.join(_bench.RESULTS, "grid_search_traces.jsonl"),
                    help="JSON-lines files of traces, comma-separated: all are read, new traces go to the first")
     p.add_argument("--offline", action="store_true", help="only search the traces already in --traces")
-    p.add_argument("--real", default=None, metavar="RUNGS:KEEP", help="also run full and this config for real")
+    p.add_argument("--real", default=None, metavar="RUNGS:KEEP[;...]",
+                   help="for the first store and seed, also run full and these configs for real (wall time, check)")
     a = _bench.finish_args(p.parse_args(argv), quick={"seeds": "0", "min_steps": 100, "heads": "abmilp,max"},
                            full={"seeds": "0,1,2", "min_steps": MIN_STEPS, "heads": ",".join(SGD_HEADS)})
     a.heads = a.heads.split(",")
@@ -233,7 +237,7 @@ def main(argv=None):
                               file=sys.stderr)
                     check_trace(line)
                     if a.real and not real_runs:
-                        real_runs.append(real(line, a, a.real))
+                        real_runs.append(real(line, a, a.real.split(";")))
                         print(json.dumps(real_runs[-1], indent=1), file=sys.stderr)
     for line in lines:
         check_trace(line)

@@ -259,6 +259,12 @@ def main(argv=None):
         results["searches"].append(summarize(lines, f"early stop patience {pat}",
                                              lambda t, k, pat=pat: early_stopping(t, k, pat)))
         _print(results["searches"][-1])
+    print("| search | cells | member-steps full ÷ search | Δ top-1 mean ± sd (pt) | worst | same member | targets |\n"
+          "|---|---:|---:|---:|---:|---:|---|", file=sys.stderr)
+    for s in results["searches"]:
+        print(f"| {s['search']} | {s['cells']} | {s['member_steps_ratio']:.2f}× | {s['delta_points_mean']:+.2f} ± "
+              f"{s['delta_points_std']:.2f} | {s['delta_points_worst']:+.2f} | {s['same_member']}/{s['cells']} | "
+              f"{'met' if s['meets'] else 'missed'} |", file=sys.stderr)
     ok = [s for s in results["searches"] if s["meets"]]
     best = max(ok or results["searches"], key=lambda s: s["member_steps_ratio"] if ok else s["delta_points_mean"])
     results["best"] = {k: v for k, v in best.items() if k != "rows"}

@@ -201,9 +201,9 @@ def real(line: dict, a, configs: list[str]) -> dict:
 
 
 def _print(s: dict) -> None:
-    print(f"  {s['search']:>26}: member-steps {s['member_steps_ratio']:5.2f}x fewer (min {s['member_steps_ratio_min']:.2f}), "
-          f"Δ top-1 {s['delta_points_mean']:+.2f} ± {s['delta_points_std']:.2f} pt (worst {s['delta_points_worst']:+.2f}), "
-          f"same member {s['same_member']}/{s['cells']}{'  MEETS' if s['meets'] else ''}", file=sys.stderr)
+    print(f"  {s['search']:>26}: member-steps {s['member_steps_ratio']:5.2f}x fewer "
+          f"(min {s['member_steps_ratio_min']:.2f}), Δ top-1 {s['delta_points_mean']:+.2f} ± "
+          f"{s['delta_points_std']:.2f} pt (worst {s['delta_points_worst']:+.2f}), same member {s['same_member']}/{s['cells']}{'  MEETS' if s['meets'] else ''}", file=sys.stderr)
 
 
 def main(argv=None):

@@ -112,7 +112,8 @@ class Trace:
     (``fractions`` of the schedule; 1.0 is the end), filled in by the trainer as ``scores[step][feed][head]`` =
     {"top1": [...], "loss": [...]} with one value per grid member (None for a member no longer training).
     Members never interact and scoring does not touch the training state, so a traced run trains as an untraced
-    one: with the full grid, the scores at a rung are those a halving run would rank there."""
+    one: with the full grid, the scores at a rung are those a halving run would rank there. One trace per seed
+    (a run of several seeds overwrites it); the scoring time counts in the run's ``train_seconds``."""
 
     fractions: tuple[float, ...]
     feeds: dict = field(default_factory=dict)

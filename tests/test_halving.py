@@ -14,7 +14,7 @@ from conftest import Float64Codec, synthetic_store
 from mimprobe.cache_store import TokenStore
 from mimprobe.probe.heads import HEADS
 from mimprobe.probe.feed import Feeder
-from mimprobe.probe.halving import Halving, SearchState, survivors
+from mimprobe.probe.halving import Halving, SearchState, Trace, survivors
 from mimprobe.probe.heads import parse_spec
 from mimprobe.probe.trainer import GridCheckpoint, TrainConfig, build_heads, train_grid
 
@@ -60,9 +60,10 @@ class KilledFeeder(Feeder):
             yield b
 
 
-def _train(store, kind, halving, checkpoint=None, die_after=None, optimizer="adamw", float64=False):
+def _train(store, kind, halving, checkpoint=None, die_after=None, optimizer="adamw", float64=False, trace=None):
     rows = np.arange(store.num_samples)
-    cfg = TrainConfig(lrs=LRS, wds=WDS, epochs=4, batch_size=32, optimizer=optimizer, quiet=True, halving=halving)
+    cfg = TrainConfig(lrs=LRS, wds=WDS, epochs=4, batch_size=32, optimizer=optimizer, quiet=True, halving=halving,
+                      trace=trace)
     feed = KilledFeeder(store, rows[:180], 32, device=CPU, arrays=["tokens"], shuffle=True, seed=5, in_memory=True)
     if die_after is not None:
         feed.die_after = die_after
@@ -70,6 +71,8 @@ def _train(store, kind, halving, checkpoint=None, die_after=None, optimizer="ada
     k, opts = parse_spec(SMALL_SPEC.get(kind, kind))
     hs = build_heads({kind: (k, opts, [0])}, dim=16, num_classes=3, num_prefix=1, members=len(cfg.grid), seed=7,
                      grid=(2, 4))
+    if trace is not None:
+        trace.feeds = {"val": val}
     if float64:  # see Float64Codec: a comparison of two trainings that holds on any CPU
         feed.codec, val.codec = Float64Codec(feed.codec), Float64Codec(val.codec)
         hs = hs.double()
@@ -112,6 +115,23 @@ def test_survivors_train_as_in_the_full_grid(store, kind):
         for (name, a), (_, b) in zip(cut.select(pos).state_dict().items(), full.select(g).state_dict().items()):
             rel = float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
             assert rel <= 1e-8, (kind, g, name, rel)
+
+
+def test_a_traced_full_grid_trains_as_an_untraced_one_and_tells_what_each_rung_cuts(store):
+    # benchmarks/grid_search.py simulates any (rungs, keep) from one traced full-grid run: scoring every member
+    # at every traced step must leave the training untouched, and a rung must cut what the trace's scores say
+    plain, _ = _train(store, "max", None)
+    trace = Trace((0.25, 0.5, 1.0))
+    traced, res = _train(store, "max", None, trace=trace)
+    for (name, a), (_, b) in zip(traced.state_dict().items(), plain.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert trace.total == res.steps == 24 and sorted(trace.scores) == [6, 12, 24]
+    scores = trace.scores[6]["val"]["max"]
+    assert len(scores["top1"]) == len(LRS) * len(WDS) and None not in scores["top1"]
+    _, cut = _train(store, "max", Halving((0.25,), 0.5))
+    expected = SearchState.start(["max"], 6)
+    expected.cut("max", scores, 0.5, rung=1, step=6)
+    assert cut.search.alive == expected.alive and cut.search.stopped == expected.stopped
 
 
 def test_resume_mid_rung_equals_an_uninterrupted_run(store, tmp_path):

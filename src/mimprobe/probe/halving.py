@@ -89,3 +89,35 @@ class SearchState:
                        for g, r, s, t, lo in st} for k, st in sd["stopped"].items()}
         return cls({k: [int(g) for g in a] for k, a in sd["alive"].items()}, stopped,
                    {k: int(v) for k, v in sd["member_steps"].items()})
+
+
+@dataclass
+class Trace:
+    """Measurement only (``benchmarks/grid_search.py``), never a selection: every member's scores on each of
+    ``feeds`` (name → feeder; e.g. the validation rows and the eval store) after each step in ``steps(total)``
+    (``fractions`` of the schedule; 1.0 is the end), filled in by the trainer as ``scores[step][feed][head]`` =
+    {"top1": [...], "loss": [...]} with one value per grid member (None for a member no longer training).
+    Members never interact and scoring does not touch the training state, so a traced run trains as an untraced
+    one: with the full grid, the scores at a rung are those a halving run would rank there. One trace per seed
+    (a run of several seeds overwrites it); the scoring time counts in the run's ``train_seconds``."""
+
+    fractions: tuple[float, ...]
+    feeds: dict = field(default_factory=dict)
+    scores: dict = field(default_factory=dict)
+    total: int = 0
+
+    def steps(self, total: int) -> set[int]:
+        self.total = total
+        return {s for s in (int(round(f * total)) for f in self.fractions) if 0 < s <= total}
+
+    def record(self, step: int, scores: dict, alive: dict[str, list[int]], members: int) -> None:
+        """``scores``: feed name → what :func:`~mimprobe.probe.trainer.evaluate` returned (per head, over the
+        alive members in order)."""
+        out = self.scores.setdefault(step, {})
+        for name, per_head in scores.items():
+            for key, sc in per_head.items():
+                row = {m: [None] * members for m in ("top1", "loss")}
+                for pos, g in enumerate(alive[key]):
+                    for m in row:
+                        row[m][g] = float(sc[m][pos])
+                out.setdefault(name, {})[key] = row

@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -53,9 +53,12 @@ class Outcome:
     extra: dict = field(default_factory=dict)  # more record fields (a label-free head's pooler, RankMe)
 
 
-def run_probe(train_path: str, eval_path: str, opts: ProbeOptions) -> list[dict]:
-    """Train, select and evaluate every head for every seed; returns one record per (head, seed)."""
+def run_probe(train_path: str, eval_path: str, opts: ProbeOptions, trace=None) -> list[dict]:
+    """Train, select and evaluate every head for every seed; returns one record per (head, seed). ``trace``
+    (:class:`~mimprobe.probe.halving.Trace`, benchmarks only): also score every SGD member as it trains."""
     plan = make_plan(train_path, eval_path, opts)
+    if trace is not None and plan.sgd is not None:
+        plan.sgd = replace(plan.sgd, trace=trace)
     try:
         records = execute(plan)
     finally:
@@ -182,6 +185,8 @@ def _run_sgd(plan: ProbePlan, split: Split, pooled: tuple[Pooled, Pooled] | None
             train_feed = tokens(split.train_rows, True, plan.train_views)
         val_feed = tokens(split.val_rows, False) if len(split.val_rows) else None
         eval_feed = token_eval
+    if cfg.trace is not None:  # measurement only (benchmarks/grid_search.py): never read by the selection
+        cfg.trace.feeds = {n: f for n, f in (("val", val_feed), ("eval", eval_feed)) if f is not None}
     result = train_grid(headset, train_feed, cfg, dev, plan.ctx, checkpoint, val_feed)
     points = [{"lr": lr, "wd": wd} for lr, wd in cfg.grid]
     reads = [train_feed] + ([val_feed] if val_feed is not None else [])

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from mimprobe.distributed import DistContext
 from mimprobe.probe import pooling
 from mimprobe.probe.feed import Feeder
-from mimprobe.probe.halving import Halving, SearchState
+from mimprobe.probe.halving import Halving, SearchState, Trace
 from mimprobe.probe.heads import GridHead, create_head
 from mimprobe.probe.metrics import topk_correct
 from mimprobe.probe.optim import lr_scale, make_optimizer
@@ -44,6 +44,7 @@ class TrainConfig:
     min_steps: int = 0
     quiet: bool = False
     halving: Halving | None = None  # --grid-search halving: stop the members that have lost at each rung
+    trace: Trace | None = field(default=None, compare=False)  # measurement only: score every member as it trains
 
     @property
     def grid(self) -> list[tuple[float, float]]:
@@ -247,6 +248,7 @@ def train_grid(headset: HeadSet, train: Feeder, cfg: TrainConfig, device: torch.
     total, warmup = cfg.steps(steps_per_epoch)
     rungs = cfg.halving.steps(total) if cfg.halving is not None and val is not None else []
     search = SearchState.start(headset.heads, len(cfg.grid))
+    traced = cfg.trace.steps(total) if cfg.trace is not None else set()
     step, start, t_train = 0, 0, 0.0
     saved = checkpoint.load() if checkpoint is not None else None
     if saved is not None:
@@ -281,6 +283,10 @@ def train_grid(headset: HeadSet, train: Feeder, cfg: TrainConfig, device: torch.
             bar.update(1)
             if step % 20 == 0:
                 bar.set_postfix(loss=f"{loss.item() / sum(v.shape[0] for v in logits.values()):.3f}", epoch=epoch)
+            if step in traced:  # measurement only (benchmarks): every member's scores on the trace's feeders
+                cfg.trace.record(step, {n: evaluate(headset, f, device, ctx) for n, f in cfg.trace.feeds.items()},
+                                 search.alive, len(cfg.grid))
+                headset.train()
             if step in rungs:  # score the members still training, cut the losers out of the stacked grid
                 del logits, loss, model  # they hold the old parameters
                 scores = evaluate(headset, val, device, ctx)

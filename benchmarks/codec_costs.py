@@ -132,8 +132,11 @@ def main() -> None:
     p.add_argument("--codecs", default=None, help="comma list compressed (default: all)")
     p.add_argument("--probed", default=None, help="comma list probed (default: PROBED of the model)")
     p.add_argument("--reuse", action="store_true", help="reuse probe records of an earlier run (same heads, seeds)")
-    p.add_argument("--phase", default="all", choices=["all", "probe", "read"],
-                   help="probe: sizes, errors, probes; read: streamed epochs of the coded eval stores (after probe)")
+    p.add_argument("--phase", default="all", choices=["all", "probe", "read", "error"],
+                   help="probe: sizes, errors, probes; read: streamed epochs of the coded eval stores (after probe); "
+                        "error: only each codec fitted on TRAIN and its reconstruction error on EVAL rows (no probe)")
+    p.add_argument("--train", default=None, help="--phase error: the float16 train store")
+    p.add_argument("--eval", default=None, help="--phase error: the float16 eval store")
     args = p.parse_args()
     work = args.workdir or os.path.join(_bench.HERE, "_work", "codecs")
     out_json = args.out or os.path.join(_bench.RESULTS, f"{NAME}.json")
@@ -141,6 +144,8 @@ def main() -> None:
     os.environ.update(OMP_NUM_THREADS=env_threads, MKL_NUM_THREADS=env_threads)
     if args.phase == "read":
         return add_read_phase(args, work, out_json)
+    if args.phase == "error":
+        return error_phase(args, out_json)
     result = {"benchmark": NAME, "machine": _bench.machine_info(work), "heads": HEADS.split(","), "seeds": args.seeds,
               "protocol": "mimprobe probe defaults (L-BFGS linear heads, kNN, AdamW abmilp); heads selected on "
                           "validation rows split from the train store; eval = CIFAR-10 test split",
@@ -193,6 +198,33 @@ def main() -> None:
     if args.phase == "all":
         add_read_phase(args, work, out_json)
     print(out_json)
+
+
+def error_phase(args, out_json: str) -> None:
+    """Fit each codec on the train store's seeded sample (as ``compress`` does) and measure its reconstruction
+    error on the eval store's seeded rows; fit seconds on this shared machine. No store is written."""
+    from mimprobe.cache_store.codecs import make_codec, reconstruction_error
+    from mimprobe.cache_store.compress import ERROR_ROWS, decoded_rows, fit_codec, sample_rows
+
+    out = {"benchmark": NAME + "_error", "machine": _bench.machine_info(args.train), "train": args.train,
+           "eval": args.eval, "what": "codec fitted on the train store's seeded sample (compress's), relative L2 "
+           "and cosine per token on ERROR_ROWS seeded eval rows; fit seconds on a shared, busy 2-core machine",
+           "codecs": {}}
+    with TokenStore.open(args.train) as tr, TokenStore.open(args.eval) as te:
+        x = decoded_rows(te, sample_rows(te, ERROR_ROWS, 0, 1))
+        for spec in (args.codecs or ",".join(CODECS)).split(","):
+            codec = make_codec(spec, num_prefix=tr.num_prefix_tokens)
+            t0 = time.perf_counter()
+            if codec.param_names:
+                fit_codec(codec, tr, 0)
+            err = reconstruction_error(codec, x)
+            out["codecs"][spec] = {"size_vs_float16": round(codec.bytes_per_row(tr.num_tokens, tr.dim)
+                                                            / (2 * tr.num_tokens * tr.dim), 4),
+                                   "fit_seconds": round(time.perf_counter() - t0, 1), "error": err}
+            print(f"{spec:14s} {out['codecs'][spec]['size_vs_float16']:.4f}x  rel L2 {err['rel_l2_mean']:.3f}  "
+                  f"cos {err['cosine_mean']:.4f}", flush=True)
+            with open(out_json, "w") as f:
+                json.dump(out, f, indent=1)
 
 
 def add_read_phase(args, work: str, out_json: str) -> None:

@@ -93,6 +93,31 @@ def test_pq_decodes_as_faiss_does_and_pca_full_rank_is_exact():
     assert reconstruction_error(low, x)["rel_l2_mean"] > reconstruction_error(full, x)["rel_l2_mean"]
 
 
+def test_opq_and_rq_decode_as_faiss_does():
+    faiss = pytest.importorskip("faiss")
+    x = vit_like(n=300, d=32)
+    flat = x.reshape(-1, 32)
+    opq = make_codec("opq:4")
+    opq.fit(flat, 32, seed=0)
+    r = torch.from_numpy(opq.params["rotation"])
+    assert torch.allclose(r @ r.T, torch.eye(32), atol=1e-4)
+    xh, enc = roundtrip(opq, x)  # faiss's PQ decoding of the codes, rotated back
+    ref = faiss.ProductQuantizer(32, 4, 8)
+    faiss.copy_array_to_vector(opq.params["centroids"].reshape(-1), ref.centroids)
+    want = ref.decode(enc["values"].reshape(-1, 4)) @ opq.params["rotation"].T
+    assert np.allclose(xh.numpy().reshape(-1, 32), want, atol=1e-5)
+    assert reconstruction_error(opq, x)["rel_l2_mean"] < 0.5
+    rq = make_codec("rq:4")
+    rq.fit(flat, 32, seed=0)
+    xh, enc = roundtrip(rq, x)
+    ref = faiss.ResidualQuantizer(32, 4, 8)
+    faiss.copy_array_to_vector(rq.params["codebooks"].reshape(-1), ref.codebooks)
+    ref.is_trained = True
+    want = ref.decode(enc["values"].reshape(-1, 4)).reshape(x.shape)
+    assert np.allclose(xh.numpy(), want, atol=1e-5)
+    assert reconstruction_error(rq, x)["rel_l2_mean"] < 0.5
+
+
 def test_bad_specs_are_one_line(tmp_path, cli):
     src = synthetic_store(tmp_path / "s.zarr", vit_like(n=20, d=31), np.arange(20) % 2)
     for spec, needle in (("int3", "choose one of"), ("pq:7", "must divide"), ("float16+prefix", "choose one of"),
@@ -111,7 +136,7 @@ def store_arrays(path):
     return out
 
 
-@pytest.mark.parametrize("spec", ["pq:8+prefix", "int4r"])
+@pytest.mark.parametrize("spec", ["pq:8+prefix", "int4r", "opq:8+prefix", "rq:4"])
 def test_compress_interrupted_and_resumed_is_bitwise_equal(tmp_path, spec, monkeypatch):
     pytest.importorskip("faiss")
     src = synthetic_store(tmp_path / "src.zarr", vit_like(n=70, d=32), np.arange(70) % 3, chunk_rows=16)
@@ -179,17 +204,18 @@ def test_probe_on_a_coded_pair_equals_the_probe_on_its_decoded_tokens(tmp_path, 
                 assert m0[k] == pytest.approx(m1[k], abs=1e-6), (head, k)
 
 
-def test_a_pair_coded_with_different_parameters_is_refused(tmp_path, cli):
+@pytest.mark.parametrize("spec", ["pq:4", "opq:4", "rq:2"])
+def test_a_pair_coded_with_different_parameters_is_refused(tmp_path, cli, spec):
     pytest.importorskip("faiss")
     x, y = vit_like(n=48, d=32), np.arange(48) % 2
     raw = synthetic_store(tmp_path / "raw.zarr", x, y)
     a, b = str(tmp_path / "a.zarr"), str(tmp_path / "b.zarr")
-    assert cli("compress", raw, a, "--codec", "pq:4", "--quiet")[0] == 0
-    assert cli("compress", raw, b, "--codec", "pq:4", "--seed", "1", "--quiet")[0] == 0
+    assert cli("compress", raw, a, "--codec", spec, "--quiet")[0] == 0
+    assert cli("compress", raw, b, "--codec", spec, "--seed", "1", "--quiet")[0] == 0
     for other in (b, raw):  # another codebook; float16 tokens against a codebook
         code, _, err = cli("probe", a, other, "--head", "linear-mean", "--quiet")
         one_line_error(code, err, "coded differently", "--codebook-from")
-    code, _, err = cli("compress", raw, b, "--codec", "pq:4", "--codebook-from", a, "--quiet")
+    code, _, err = cli("compress", raw, b, "--codec", spec, "--codebook-from", a, "--quiet")
     one_line_error(code, err, "exists and was made otherwise", "codebook")
 
 

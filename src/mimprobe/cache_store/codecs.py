@@ -13,6 +13,8 @@ spec                what a token array holds                                    
 ``int4``            int4 packed two per byte, one float16 scale per 32 channels                 D/2 + D/16
 ``int4r``           ``int4`` of the tokens times a seeded random orthogonal D x D matrix        D/2 + D/16
 ``pq:M``            product quantization: M bytes, codes of M sub-vectors in 256 centroids      M
+``opq:M``           ``pq:M`` after a rotation learned by faiss's OPQ (stored)                   M
+``rq:M``            residual quantization: M stages of 256 centroids over the whole token       M
 ``pca:K``           float16 coordinates on the top-K principal directions                       2 K
 ==================  ==========================================================================  ===============
 
@@ -378,6 +380,75 @@ class ProductQuantizer(FittedCodec):
 
 
 @register
+class OptimizedProductQuantizer(ProductQuantizer):
+    """``opq:M``: ``pq:M`` of ``x @ R``, R the orthogonal matrix faiss's ``OPQMatrix`` learns on the sample so that
+    the M sub-vectors are balanced and decorrelated (Ge et al.'s OPQ); the PQ centroids are then trained on the
+    rotated sample. Both stored; decoding gathers centroids and multiplies by ``R^T``. Same size as ``pq:M``."""
+
+    kind = "opq"
+    param_names = ("rotation", "centroids")
+
+    def describe(self) -> str:
+        return super().describe() + ", after a rotation learned by faiss's OPQMatrix (stored)"
+
+    def fit(self, sample, dim, seed):
+        faiss = faiss_module(self.spec)
+        opq = faiss.OPQMatrix(dim, self.arg)
+        x = np.ascontiguousarray(sample.numpy(), dtype=np.float32)
+        opq.train(x)
+        rotation = faiss.vector_to_array(opq.A).reshape(dim, dim).T.copy()  # apply(x) = x @ A^T
+        super().fit(torch.from_numpy(x @ rotation), dim, seed)
+        self.params["rotation"] = rotation
+
+    def _encode(self, x):
+        return super()._encode(x.float().cpu() @ torch.from_numpy(self.params["rotation"]))
+
+    def _decode(self, values, side):
+        return super()._decode(values, side) @ self._param("rotation", values.device).T
+
+
+@register
+class ResidualQuantizer(FittedCodec):
+    """``rq:M``: residual quantization with M stages of 256 centroids (M bytes per token, like ``pq:M``, but each
+    stage codes the whole D-dimensional residual the earlier stages left). Codebooks trained and codes found
+    (beam search) with faiss's ``ResidualQuantizer``; decoding sums one centroid per stage."""
+
+    kind = "rq"
+    storage_dtype = np.dtype("u1")
+    param_names = ("codebooks",)
+
+    def describe(self) -> str:
+        return f"residual quantization, {self.arg} stages x 256 centroids (8 bits), trained with faiss"
+
+    def arg_problem(self, dim):
+        return None if self.arg >= 1 else "M must be at least 1"
+
+    def _faiss_rq(self, dim):
+        faiss = faiss_module(self.spec)
+        return faiss, faiss.ResidualQuantizer(dim, self.arg, 8)
+
+    def fit(self, sample, dim, seed):
+        faiss, rq = self._faiss_rq(dim)
+        rq.cp.seed = int(seed)
+        rq.train(np.ascontiguousarray(sample.numpy(), dtype=np.float32))
+        self.params = {"codebooks": faiss.vector_to_array(rq.codebooks).reshape(self.arg, 256, dim)}
+        self._on.clear()
+
+    def _encode(self, x):
+        m, _, dim = self.params["codebooks"].shape
+        faiss, rq = self._faiss_rq(dim)
+        faiss.copy_array_to_vector(self.params["codebooks"].reshape(-1), rq.codebooks)
+        rq.is_trained = True
+        codes = rq.compute_codes(np.ascontiguousarray(x.float().cpu().numpy().reshape(-1, dim)))
+        return codes.reshape(*x.shape[:-1], m), None
+
+    def _decode(self, values, side):
+        books = self._param("codebooks", values.device)  # (M, 256, D)
+        idx = values.long() + torch.arange(books.shape[0], device=values.device) * 256
+        return books.reshape(-1, books.shape[-1])[idx].sum(-2)
+
+
+@register
 class PCA(FittedCodec):
     """``pca:K``: float16 coordinates of ``x - mean`` on the top-K right singular vectors of a centred sample
     (numpy's SVD); mean and basis stored. Decoding is one matmul."""
@@ -427,7 +498,7 @@ def parse_spec(spec: str, option: str = "--codec") -> tuple[type[Codec], int | N
     return cls, (int(m["arg"]) if m["arg"] else None), bool(m["prefix"])
 
 
-CODEC_SPECS = ("float16", "bfloat16", "float32", "int8", "int4", "int4r", "pq:M", "pca:K")
+CODEC_SPECS = ("float16", "bfloat16", "float32", "int8", "int4", "int4r", "pq:M", "opq:M", "rq:M", "pca:K")
 
 
 def make_codec(spec: str, *, num_prefix: int = 0, params: dict | None = None) -> Codec:

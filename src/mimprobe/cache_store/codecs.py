@@ -336,14 +336,49 @@ class FittedCodec(Codec):
             raise UserError(f"--codec {self.spec}: {problem} (the width of {what})")
 
 
+class FaissQuantizer(FittedCodec):
+    """A codec whose codes are M bytes per token from a faiss quantizer (``ProductQuantizer``,
+    ``ResidualQuantizer``): trained (seeded) on a sample, its one codebook array stored as ``param_names[-1]``,
+    codes computed by faiss on the CPU; subclasses decode on the device."""
+
+    storage_dtype = np.dtype("u1")
+
+    def _quantizer(self, dim):
+        """(faiss, an untrained quantizer for D = ``dim``) and the attribute holding its codebook."""
+        raise NotImplementedError
+
+    def _shape(self, dim) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def fit(self, sample, dim, seed):
+        faiss, q, attr = self._quantizer(dim)
+        q.cp.seed = int(seed)
+        q.train(np.ascontiguousarray(sample.numpy(), dtype=np.float32))
+        self.params = {self.param_names[-1]: faiss.vector_to_array(getattr(q, attr)).reshape(self._shape(dim))}
+        self._on.clear()
+
+    def _encode(self, x):
+        dim = x.shape[-1]
+        faiss, q, attr = self._quantizer(dim)
+        faiss.copy_array_to_vector(self.params[self.param_names[-1]].reshape(-1), getattr(q, attr))
+        q.is_trained = True
+        codes = q.compute_codes(np.ascontiguousarray(x.float().cpu().numpy().reshape(-1, dim)))
+        return codes.reshape(*x.shape[:-1], self.arg), None
+
+    def _gather(self, values):
+        """One centroid per (token, byte): (..., M, width) from the codebook on the codes' device."""
+        book = self._param(self.param_names[-1], values.device)  # (M, 256, width)
+        idx = values.long() + torch.arange(book.shape[0], device=values.device) * 256
+        return book.reshape(-1, book.shape[-1])[idx]
+
+
 @register
-class ProductQuantizer(FittedCodec):
+class ProductQuantizer(FaissQuantizer):
     """``pq:M``: each token split into M sub-vectors of D/M channels, each replaced by the index of its nearest of
     256 centroids (one byte). Centroids trained with faiss's ``ProductQuantizer`` (k-means, seeded) on a sample
     and stored; decoding gathers centroids on the device."""
 
     kind = "pq"
-    storage_dtype = np.dtype("u1")
     param_names = ("centroids",)
 
     def describe(self) -> str:
@@ -352,31 +387,15 @@ class ProductQuantizer(FittedCodec):
     def arg_problem(self, dim):
         return f"M must divide D = {dim}" if self.arg < 1 or dim % self.arg else None
 
-    def _faiss_pq(self, dim):
+    def _quantizer(self, dim):
         faiss = faiss_module(self.spec)
-        pq = faiss.ProductQuantizer(dim, self.arg, 8)
-        return faiss, pq
+        return faiss, faiss.ProductQuantizer(dim, self.arg, 8), "centroids"
 
-    def fit(self, sample, dim, seed):
-        faiss, pq = self._faiss_pq(dim)
-        pq.cp.seed = int(seed)
-        pq.train(np.ascontiguousarray(sample.numpy(), dtype=np.float32))
-        self.params = {"centroids": faiss.vector_to_array(pq.centroids).reshape(self.arg, 256, dim // self.arg)}
-        self._on.clear()
-
-    def _encode(self, x):
-        m, _, dsub = self.params["centroids"].shape
-        faiss, pq = self._faiss_pq(m * dsub)
-        faiss.copy_array_to_vector(self.params["centroids"].reshape(-1), pq.centroids)
-        flat = np.ascontiguousarray(x.float().cpu().numpy().reshape(-1, m * dsub))
-        codes = pq.compute_codes(flat)
-        return codes.reshape(*x.shape[:-1], m), None
+    def _shape(self, dim):
+        return self.arg, 256, dim // self.arg
 
     def _decode(self, values, side):
-        cents = self._param("centroids", values.device)  # (M, 256, dsub)
-        m = cents.shape[0]
-        idx = values.long() + torch.arange(m, device=values.device) * 256
-        return cents.reshape(-1, cents.shape[-1])[idx].flatten(-2)
+        return self._gather(values).flatten(-2)
 
 
 @register
@@ -408,13 +427,12 @@ class OptimizedProductQuantizer(ProductQuantizer):
 
 
 @register
-class ResidualQuantizer(FittedCodec):
+class ResidualQuantizer(FaissQuantizer):
     """``rq:M``: residual quantization with M stages of 256 centroids (M bytes per token, like ``pq:M``, but each
     stage codes the whole D-dimensional residual the earlier stages left). Codebooks trained and codes found
     (beam search) with faiss's ``ResidualQuantizer``; decoding sums one centroid per stage."""
 
     kind = "rq"
-    storage_dtype = np.dtype("u1")
     param_names = ("codebooks",)
 
     def describe(self) -> str:
@@ -423,29 +441,15 @@ class ResidualQuantizer(FittedCodec):
     def arg_problem(self, dim):
         return None if self.arg >= 1 else "M must be at least 1"
 
-    def _faiss_rq(self, dim):
+    def _quantizer(self, dim):
         faiss = faiss_module(self.spec)
-        return faiss, faiss.ResidualQuantizer(dim, self.arg, 8)
+        return faiss, faiss.ResidualQuantizer(dim, self.arg, 8), "codebooks"
 
-    def fit(self, sample, dim, seed):
-        faiss, rq = self._faiss_rq(dim)
-        rq.cp.seed = int(seed)
-        rq.train(np.ascontiguousarray(sample.numpy(), dtype=np.float32))
-        self.params = {"codebooks": faiss.vector_to_array(rq.codebooks).reshape(self.arg, 256, dim)}
-        self._on.clear()
-
-    def _encode(self, x):
-        m, _, dim = self.params["codebooks"].shape
-        faiss, rq = self._faiss_rq(dim)
-        faiss.copy_array_to_vector(self.params["codebooks"].reshape(-1), rq.codebooks)
-        rq.is_trained = True
-        codes = rq.compute_codes(np.ascontiguousarray(x.float().cpu().numpy().reshape(-1, dim)))
-        return codes.reshape(*x.shape[:-1], m), None
+    def _shape(self, dim):
+        return self.arg, 256, dim
 
     def _decode(self, values, side):
-        books = self._param("codebooks", values.device)  # (M, 256, D)
-        idx = values.long() + torch.arange(books.shape[0], device=values.device) * 256
-        return books.reshape(-1, books.shape[-1])[idx].sum(-2)
+        return self._gather(values).sum(-2)
 
 
 @register

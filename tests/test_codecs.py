@@ -118,9 +118,35 @@ def test_opq_and_rq_decode_as_faiss_does():
     assert reconstruction_error(rq, x)["rel_l2_mean"] < 0.5
 
 
+@pytest.mark.parametrize("spec", ["int4r+mean", "int4r+prefix+mean", "pq:8+prefix+mean", "rq:4+mean", "pca:4+mean"])
+def test_plus_mean_gives_back_each_rows_patch_mean_by_one_shift(spec):
+    pytest.importorskip("faiss")
+    x = vit_like(n=300, d=32)
+    base_spec = spec.removesuffix("+mean")
+    codec, base = make_codec(spec, num_prefix=1), make_codec(base_spec, num_prefix=1)
+    sample = x[:, codec.num_prefix:].reshape(-1, 32)
+    for c in (codec, base):
+        c.fit(sample if c.needs_data else None, 32, seed=0)
+    xh, enc = roundtrip(codec, x)
+    plain, _ = roundtrip(base, x)
+    mean = x[:, 1:].mean(1).half().float()  # what the side array holds: the patch mean in float16
+    assert torch.allclose(xh[:, 1:].mean(1), mean, atol=1e-5)
+    # the codes are the base codec's; decoding adds one vector per row to every patch token, nothing else
+    assert torch.allclose(xh[:, 1:], plain[:, 1:] + (mean - plain[:, 1:].mean(1))[:, None], atol=1e-5)
+    assert torch.equal(xh[:, :1], plain[:, :1])
+    assert codec.bytes_per_row(9, 32) == base.bytes_per_row(9, 32) + 2 * 32
+    assert sum(v[0].nbytes for v in enc.values()) == codec.bytes_per_row(9, 32)
+    # the shift takes each row's mean error out of every token: the squared error over a row's patch tokens can
+    # only fall, up to the float16 rounding of the stored mean (sum |e_i - mean e|^2 <= sum |e_i|^2)
+    sq = lambda y: ((y[:, 1:] - x[:, 1:]) ** 2).sum((1, 2))  # noqa: E731
+    rounding = 8 * ((mean - x[:, 1:].mean(1)) ** 2).sum(-1)
+    assert (sq(xh) <= sq(plain) + rounding + 1e-4).all()
+
+
 def test_bad_specs_are_one_line(tmp_path, cli):
     src = synthetic_store(tmp_path / "s.zarr", vit_like(n=20, d=31), np.arange(20) % 2)
     for spec, needle in (("int3", "choose one of"), ("pq:7", "must divide"), ("float16+prefix", "choose one of"),
+                         ("float16+mean", "choose one of"), ("int4r+mean+prefix", "choose one of"),
                          ("int4", "odd width")):
         code, _, err = cli("compress", src, tmp_path / "o.zarr", "--codec", spec, "--quiet")
         one_line_error(code, err, needle)
@@ -136,7 +162,7 @@ def store_arrays(path):
     return out
 
 
-@pytest.mark.parametrize("spec", ["pq:8+prefix", "int4r", "opq:8+prefix", "rq:4"])
+@pytest.mark.parametrize("spec", ["pq:8+prefix", "int4r", "opq:8+prefix", "rq:4", "pq:8+prefix+mean"])
 def test_compress_interrupted_and_resumed_is_bitwise_equal(tmp_path, spec, monkeypatch):
     pytest.importorskip("faiss")
     src = synthetic_store(tmp_path / "src.zarr", vit_like(n=70, d=32), np.arange(70) % 3, chunk_rows=16)
@@ -259,7 +285,7 @@ def test_info_shows_codec_size_and_error(tmp_path, cli):
     assert os.path.isdir(dst / "codec" / "rotation")
 
 
-@pytest.mark.parametrize("spec", ["int4+prefix", "pq:8"])
+@pytest.mark.parametrize("spec", ["int4+prefix", "pq:8", "int4+mean"])
 def test_streamed_and_in_memory_readers_decode_like_read_tokens(tmp_path, spec):
     pytest.importorskip("faiss")
     from mimprobe.cache_store.stream import ChunkShuffleReader

@@ -19,7 +19,11 @@ spec                what a token array holds                                    
 ==================  ==========================================================================  ===============
 
 ``+prefix`` after a lossy spec (``int4r+prefix``, ``pq:48+prefix``) keeps the prefix tokens ([cls], registers)
-exact in float16 in the side array and codes the patch tokens only.
+exact in float16 in the side array and codes the patch tokens only. ``+mean`` (alone or after ``+prefix``:
+``rq:24+prefix+mean``) also keeps each row's mean of the patch tokens in float16 (D values per row) and decoding
+shifts the decoded patch tokens by one vector so that their mean is that one: the mean-pooled features (linear-mean,
+knn-mean, the mean half of clsmean) come back as from float16, and every token's coding error loses its
+per-row average, the part that pooled heads cannot average away (docs/design.md, codecs).
 
 Per row a codec writes its ``values`` array under the token array's own name and, where it has one, a float16
 ``side`` array under :func:`~.schema.scales_name` (the int8 scales' name, so int8 stores keep their layout).
@@ -42,6 +46,7 @@ from mimprobe.errors import UserError
 
 CODECS: dict[str, type["Codec"]] = {}
 PREFIX_SUFFIX = "+prefix"
+MEAN_SUFFIX = "+mean"
 PARAMS_GROUP = "codec/"
 
 
@@ -52,7 +57,8 @@ def register(cls: type["Codec"]) -> type["Codec"]:
 
 class Codec:
     """One way of storing tokens. Subclasses set :attr:`kind` and implement the core ``_encode`` / ``_decode`` on
-    the coded tokens; this class adds the exact prefix tokens (``+prefix``) and the parameter bookkeeping."""
+    the coded tokens; this class adds the exact prefix tokens (``+prefix``), the exact patch mean (``+mean``) and
+    the parameter bookkeeping."""
 
     kind: str = ""
     lossy: bool = False
@@ -62,15 +68,17 @@ class Codec:
     needs_data: bool = False  # parameters fitted on a sample of tokens (else none, or from a seed)
 
     def __init__(self, arg: int | None = None, keep_prefix: bool = False, num_prefix: int = 0,
-                 params: dict[str, np.ndarray] | None = None):
+                 params: dict[str, np.ndarray] | None = None, keep_mean: bool = False):
         self.arg, self.keep_prefix, self.num_prefix = arg, keep_prefix, (num_prefix if keep_prefix else 0)
+        self.keep_mean, self.patch_start = keep_mean, num_prefix  # the model's prefix tokens, kept or coded
         self.params = {k: np.asarray(v, dtype=np.float32) for k, v in (params or {}).items()}
         self._on: dict[str, dict[str, torch.Tensor]] = {}
 
     # --- naming --------------------------------------------------------------------------------------
     @property
     def spec(self) -> str:
-        return self.kind + (f":{self.arg}" if self.takes_arg else "") + (PREFIX_SUFFIX if self.keep_prefix else "")
+        return (self.kind + (f":{self.arg}" if self.takes_arg else "") + (PREFIX_SUFFIX if self.keep_prefix else "")
+                + (MEAN_SUFFIX if self.keep_mean else ""))
 
     # kept for the int8-era callers and the docs' word for it
     @property
@@ -80,7 +88,7 @@ class Codec:
     @property
     def quantized(self) -> bool:
         """Whether a float16 side array accompanies the values (int8 scales, or whatever the codec keeps)."""
-        return self.keep_prefix or self._side_width(2 * quant.GROUP) is not None
+        return self.keep_prefix or self.keep_mean or self._side_width(2 * quant.GROUP) is not None
 
     def describe(self) -> str:
         return self.kind
@@ -107,9 +115,9 @@ class Codec:
         """Row shape of the float16 side array, or None when there is none."""
         core = self._side_width(dim)
         t = self.coded_tokens(num_tokens)
-        if not self.keep_prefix:
+        if not (self.keep_prefix or self.keep_mean):
             return None if core is None else (t, core)
-        return (t * (core or 0) + self.num_prefix * dim,)
+        return (t * (core or 0) + self.num_prefix * dim + (dim if self.keep_mean else 0),)
 
     def bytes_per_row(self, num_tokens: int, dim: int) -> int:
         n = int(np.prod(self.values_row_shape(num_tokens, dim))) * self.storage_dtype.itemsize
@@ -126,6 +134,8 @@ class Codec:
         """Refuse a token shape this codec cannot code (one line)."""
         if self.keep_prefix and self.num_prefix == 0:
             raise UserError(f"--codec {self.spec}: {what} has no prefix tokens to keep; drop {PREFIX_SUFFIX}")
+        if self.keep_mean and num_tokens <= self.patch_start:
+            raise UserError(f"--codec {self.spec}: {what} has no patch tokens to average; drop {MEAN_SUFFIX}")
 
     # --- parameters ----------------------------------------------------------------------------------
     def fit(self, sample: torch.Tensor, dim: int, seed: int) -> None:
@@ -146,10 +156,11 @@ class Codec:
         p = self.num_prefix
         vals, side = self._encode(x[:, p:] if p else x)
         out = {"values": vals}
-        if self.keep_prefix:
+        if self.keep_prefix or self.keep_mean:
             b = x.shape[0]
             parts = ([side.reshape(b, -1)] if side is not None else []) + \
-                [x[:, :p].to(torch.float16).cpu().numpy().reshape(b, -1)]
+                ([x[:, :p].to(torch.float16).cpu().numpy().reshape(b, -1)] if self.keep_prefix else []) + \
+                ([x[:, self.patch_start:].float().mean(1).to(torch.float16).cpu().numpy()] if self.keep_mean else [])
             out["scales"] = np.concatenate(parts, axis=1)
         elif side is not None:
             out["scales"] = side
@@ -161,14 +172,22 @@ class Codec:
 
     def decode(self, values: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
         """Compact tensor from :meth:`to_torch` (..., T', W) and its side (on any device) → float32 (..., T, D)."""
-        if not self.keep_prefix:
+        if not (self.keep_prefix or self.keep_mean):
             return self._decode(values, scales)
         lead, t = values.shape[:-2], values.shape[-2]
         core = self._side_width_from(values)
         n_core = t * core
         side_core = scales[..., :n_core].reshape(*lead, t, core) if core else None
-        prefix = scales[..., n_core:].reshape(*lead, self.num_prefix, -1).float()
-        return torch.cat([prefix, self._decode(values, side_core)], dim=-2)
+        x = self._decode(values, side_core)
+        if self.keep_prefix:
+            n_pre = self.num_prefix * x.shape[-1]
+            prefix = scales[..., n_core:n_core + n_pre].reshape(*lead, self.num_prefix, -1).float()
+            x = torch.cat([prefix, x], dim=-2)
+        if self.keep_mean:  # one shift per row: the decoded patch tokens get the stored mean
+            mean = scales[..., -x.shape[-1]:].float().unsqueeze(-2)
+            patches = x[..., self.patch_start:, :]
+            x = torch.cat([x[..., :self.patch_start, :], patches + (mean - patches.mean(-2, keepdim=True))], dim=-2)
+        return x
 
     def roundtrip(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` (..., T, D) coded and decoded as a store would hold it: float32 (..., T, D)."""
@@ -489,17 +508,19 @@ def faiss_module(spec: str):
     return faiss
 
 
-_SPEC = re.compile(r"^(?P<kind>[a-z0-9]+)(?::(?P<arg>\d+))?(?P<prefix>\+prefix)?$")
+_SPEC = re.compile(r"^(?P<kind>[a-z0-9]+)(?::(?P<arg>\d+))?(?P<prefix>\+prefix)?(?P<mean>\+mean)?$")
 
 
-def parse_spec(spec: str, option: str = "--codec") -> tuple[type[Codec], int | None, bool]:
-    """``kind[:N][+prefix]`` → (class, N, keep_prefix); one clear error (naming ``option``) for anything else."""
+def parse_spec(spec: str, option: str = "--codec") -> tuple[type[Codec], int | None, dict[str, bool]]:
+    """``kind[:N][+prefix][+mean]`` → (class, N, {"keep_prefix", "keep_mean"}); one clear error (naming
+    ``option``) for anything else."""
     m = _SPEC.match(str(spec).strip())
     cls = CODECS.get(m["kind"]) if m else None
-    if cls is None or (m["arg"] is None) == cls.takes_arg or (m["prefix"] and not cls.lossy):
+    if cls is None or (m["arg"] is None) == cls.takes_arg or ((m["prefix"] or m["mean"]) and not cls.lossy):
         raise UserError(f"{option} {spec!r}: choose one of {', '.join(CODEC_SPECS)} (lossy ones may end in "
-                        f"{PREFIX_SUFFIX} to keep the prefix tokens in float16)")
-    return cls, (int(m["arg"]) if m["arg"] else None), bool(m["prefix"])
+                        f"{PREFIX_SUFFIX} to keep the prefix tokens in float16, and in {MEAN_SUFFIX} to keep each "
+                        f"row's patch mean)")
+    return cls, (int(m["arg"]) if m["arg"] else None), {"keep_prefix": bool(m["prefix"]), "keep_mean": bool(m["mean"])}
 
 
 CODEC_SPECS = ("float16", "bfloat16", "float32", "int8", "int4", "int4r", "pq:M", "opq:M", "rq:M", "pca:K")
@@ -509,7 +530,7 @@ def make_codec(spec: str, *, num_prefix: int = 0, params: dict | None = None) ->
     """The codec of ``spec`` (see the module doc); ``num_prefix``: the model's prefix tokens (used by
     ``+prefix``); ``params``: its stored parameters."""
     cls, arg, keep = parse_spec(spec)
-    return cls(arg, keep_prefix=keep, num_prefix=num_prefix, params=params)
+    return cls(arg, num_prefix=num_prefix, params=params, **keep)
 
 
 def is_valid_spec(spec: str) -> bool:
@@ -523,7 +544,7 @@ def is_valid_spec(spec: str) -> bool:
 def extractable(spec: str, num_prefix: int = 0, option: str = "--codec") -> Codec:
     """The codec of ``spec`` if ``extract`` can write it directly (it needs no fit on tokens), else one line."""
     cls, arg, keep = parse_spec(spec, option)
-    codec = cls(arg, keep_prefix=keep, num_prefix=num_prefix)
+    codec = cls(arg, num_prefix=num_prefix, **keep)
     if codec.needs_data:
         raise UserError(f"--codec {spec} is fitted on tokens: extract with --codec float16, then `mimprobe compress "
                         f"SRC DST --codec {spec}` (and --codebook-from TRAIN_STORE for the eval store)")

@@ -70,7 +70,8 @@ def compress(
     src: str = typer.Argument(..., help="a complete store (any codec)"),
     dst: str = typer.Argument(..., help="the store to write (DIR.zarr or FILE.h5)"),
     codec: str = typer.Option(..., "--codec", help="float16 | bfloat16 | float32 | int8 | int4 | int4r | pq:M | "
-                              "opq:M | rq:M | pca:K; lossy ones may end in +prefix to keep [cls] / registers in float16"),
+                              "opq:M | rq:M | pca:K; lossy ones may end in +prefix to keep [cls] / registers in float16, "
+                              "and in +mean to keep each row's patch-token mean"),
     codebook_from: Optional[str] = typer.Option(None, help="take the codec's parameters (rotation, codebook, "
                                                 "basis) from this store, e.g. the train store when coding an "
                                                 "eval store"),

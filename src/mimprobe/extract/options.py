@@ -57,7 +57,7 @@ class ExtractOptions:
     img_size: int | None = option(None, "create the model for this input size", check=an_int(1), suite="models.img_size")
     crop_pct: float | None = option(None, "override the model's eval crop_pct", check=a_float(0, 1, lo_open=True),
                                     suite="models.crop_pct")
-    dtype: str = option("float16", "float16 | bfloat16 | float32 | int8 | int4 | int4r[+prefix] (pq:M / pca:K: "
+    dtype: str = option("float16", "float16 | bfloat16 | float32 | int8 | int4 | int4r[+prefix][+mean] (pq:M / pca:K: "
                         "extract float16, then `mimprobe compress`)", flags=("--codec", "--dtype"), check=a_codec,
                         suite="models.codec")
     format: str | None = option(None, "zarr | hdf5 (default: from the suffix)", flags=("--format",),

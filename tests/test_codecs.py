@@ -271,17 +271,19 @@ def test_verify_finds_a_flipped_byte_in_the_codebook_and_in_a_code_chunk_and_rep
         assert np.array_equal(before[k], after[k]), k
 
 
-def test_info_shows_codec_size_and_error(tmp_path, cli):
+@pytest.mark.parametrize("spec", ["int4r+prefix", "int4r+prefix+mean"])
+def test_info_shows_codec_size_and_error(tmp_path, cli, spec):
     raw = synthetic_store(tmp_path / "raw.zarr", vit_like(n=40), np.arange(40) % 2)
     dst = tmp_path / "i4.zarr"
-    assert cli("compress", raw, dst, "--codec", "int4r+prefix", "--quiet")[0] == 0
+    assert cli("compress", raw, dst, "--codec", spec, "--quiet")[0] == 0
     code, out, err = cli("info", dst)
     assert code == 0, err
     lines = {ln.split("  ")[0]: ln for ln in out.splitlines()}
     t, d = 9, 64
-    per_row = (t - 1) * (d // 2 + 2 * d // 32) + 2 * d
+    per_row = (t - 1) * (d // 2 + 2 * d // 32) + 2 * d + (2 * d if spec.endswith("+mean") else 0)
     assert f"{per_row / t:.1f} ({per_row / (2 * t * d):.4f}x of float16)" in lines["bytes / token"]
-    assert "int4r+prefix" in lines["codec"] and "relative L2" in lines["coding error"]
+    assert spec in lines["codec"] and "relative L2" in lines["coding error"]
+    assert ("patch-token mean kept" in lines["codec"]) == spec.endswith("+mean")
     assert os.path.isdir(dst / "codec" / "rotation")
 
 

@@ -69,6 +69,7 @@ def codec_rows(store: TokenStore) -> list[tuple[str, str]]:
     per_row = codec.bytes_per_row(t, d)
     rows = [("codec", f"{codec.spec}: {codec.describe()}"
              + (f"; prefix tokens ({codec.num_prefix}) kept in float16" if codec.keep_prefix else "")
+             + ("; each row's patch-token mean kept in float16" if codec.keep_mean else "")
              + (f"; parameters {codec.fingerprint}" if codec.fingerprint else "")),
             ("bytes / token", f"{per_row / t:.1f} ({per_row / (2 * t * d):.4f}x of float16)")]
     err = (store.attrs.get("codec") or {}).get("error")

@@ -104,13 +104,19 @@ def epoch_case(path: str, name: str, batch_size: int = 256) -> _bench.Case:
 
 
 def read_phase(work: str, model: str, codecs: list[str], reps: int) -> dict:
-    """A streamed epoch (read + decode) of each coded eval store against the float16 one, cold and warm."""
+    """A streamed epoch (read + decode) of each coded eval store of the work folder against the float16 one."""
+    base = os.path.join(work, f"{model}_test.zarr")
+    coded = [(spec, os.path.join(work, f"{model}_test_{spec.replace(':', '').replace('+', '_')}.zarr"))
+             for spec in codecs]
+    return read_pairs(model, base, coded, reps)
+
+
+def read_pairs(model: str, base: str, coded: list[tuple[str, str]], reps: int) -> dict:
+    """A streamed epoch of each (codec, coded store) against the float16 store ``base``, cold and warm."""
     from cold_read import cold
 
-    base = os.path.join(work, f"{model}_test.zarr")
     out = {}
-    for spec in codecs:
-        path = os.path.join(work, f"{model}_test_{spec.replace(':', '').replace('+', '_')}.zarr")
+    for spec, path in coded:
         res = {}
         for state in ("cold", "warm"):
             a, b = epoch_case(path, spec), epoch_case(base, "float16")
@@ -136,12 +142,16 @@ def main() -> None:
                    help="probe: sizes, errors, probes; read: streamed epochs of the coded eval stores (after probe); "
                         "error: only each codec fitted on TRAIN and its reconstruction error on EVAL rows (no probe)")
     p.add_argument("--train", default=None, help="--phase error: the float16 train store")
-    p.add_argument("--eval", default=None, help="--phase error: the float16 eval store")
+    p.add_argument("--eval", default=None, help="--phase error, or read with --coded: the float16 eval store")
+    p.add_argument("--coded", default=None, help="--phase read: comma list of coded copies of --eval (any stores, "
+                   "e.g. made with mimprobe compress) timed against it; writes --out on its own")
     args = p.parse_args()
     work = args.workdir or os.path.join(_bench.HERE, "_work", "codecs")
     out_json = args.out or os.path.join(_bench.RESULTS, f"{NAME}.json")
     env_threads = str(args.threads)
     os.environ.update(OMP_NUM_THREADS=env_threads, MKL_NUM_THREADS=env_threads)
+    if args.phase == "read" and args.coded:
+        return stores_read_phase(args, out_json)
     if args.phase == "read":
         return add_read_phase(args, work, out_json)
     if args.phase == "error":
@@ -227,17 +237,33 @@ def error_phase(args, out_json: str) -> None:
                 json.dump(out, f, indent=1)
 
 
+READ_WHAT = ("one shuffled epoch of the eval store through the probe's streamed reader, decoded to float32 on the "
+             "CPU, coded store seconds / float16 store seconds (A/B alternated, medians; cold: page cache evicted "
+             "before every run)")
+
+
 def add_read_phase(args, work: str, out_json: str) -> None:
     with open(out_json) as f:
         result = json.load(f)
     reps = args.reps or 3
     result["streamed_epoch"] = {
-        "what": "one shuffled epoch of the eval store through the probe's streamed reader, decoded to float32 on "
-                "the CPU, coded store seconds / float16 store seconds (A/B alternated, medians; cold: page "
-                "cache evicted before every run)", "reps": reps,
+        "what": READ_WHAT, "reps": reps,
         **{m: read_phase(work, m, PROBED[m], reps) for m in args.models.split(",")}}
     with open(out_json, "w") as f:
         json.dump(result, f, indent=1)
+
+
+def stores_read_phase(args, out_json: str) -> None:
+    coded = []
+    for path in args.coded.split(","):
+        with TokenStore.open(path) as s:
+            coded.append((s.codec.spec, path))
+    out = {"benchmark": NAME + "_read", "machine": _bench.machine_info(args.eval), "eval": args.eval,
+           "what": READ_WHAT, "reps": args.reps or 3,
+           "streamed_epoch": read_pairs(os.path.basename(args.eval), args.eval, coded, args.reps or 3)}
+    with open(out_json, "w") as f:
+        json.dump(out, f, indent=1)
+    print(out_json)
 
 
 if __name__ == "__main__":

@@ -475,8 +475,8 @@ class ResidualQuantizer(FaissQuantizer):
         return self.arg, 256, dim
 
     def _decode(self, values, side):
-        # one centroid per stage, summed by embedding_bag without materializing the (..., M, D) gather (about
-        # 50x faster on the CPU at M = 32; the per-batch decode of a probe epoch stays cheap)
+        # one centroid per stage, summed by embedding_bag: no (..., M, D) intermediate, M times the output's size,
+        # on the per-batch decode path of every probe epoch
         table, idx = self._rows(values)
         out = torch.nn.functional.embedding_bag(idx.reshape(-1, idx.shape[-1]), table, mode="sum")
         return out.reshape(*values.shape[:-1], table.shape[-1])

@@ -143,6 +143,23 @@ def test_compare_table_and_forest_plot(results, cli, tmp_path):
     assert code == 0 and (tmp_path / "c.csv").read_text().startswith("compared,baseline,")
 
 
+def test_compare_flags_one_seed_of_an_sgd_head(results, cli):
+    """Δ of an SGD head on one seed carries its training noise, which the row bootstrap cannot see: the report
+    says so for those comparisons only (two seeds, or L-BFGS and kNN heads, need no note)."""
+    d, out, _, _ = results
+    code, text, err = cli("report", out, "--compare", "linear-mean")
+    assert code == 0, err
+    assert "one seed" not in text  # the fixture ran seeds 0 and 1
+    one = d / "seed0.jsonl"
+    one.write_text("".join(ln + "\n" for ln in out.read_text().splitlines() if json.loads(ln)["seed"] == 0))
+    code, text, err = cli("report", one, "--compare", "linear-mean")
+    assert code == 0, err
+    note = [ln for ln in text.splitlines() if ln.startswith("Note: one seed")]
+    assert len(note) == 1 and "(abmilp)" in note[0] and "--seeds 0,1,2" in note[0], text
+    code, text, err = cli("report", one, "--compare", "linear-mean", "--format", "csv")
+    assert code == 0 and "Note" not in text and "note: one seed of an SGD-trained head (abmilp)" in err
+
+
 def test_compare_refuses_results_over_different_eval_rows(results, cli, tmp_path):
     _, out, far, _ = results
     code, text, _ = cli("report", out, far)  # another eval store is another row, never a seed of the same cell

@@ -96,6 +96,9 @@ def report(
 
         comparisons, column, varying = cmp.compare(records, compare)
         text = cmp.render(comparisons, column, varying, format)
+        warning = cmp.one_seed_sgd(comparisons, column, varying)
+        if warning and format == "csv":  # the markdown table carries it as a note; a CSV has no place for one
+            typer.echo(f"note: {warning}", err=True)
     else:
         text = render(table, format)
     if out:

@@ -155,6 +155,25 @@ def pair_records(a_records: list[dict], b_records: list[dict], a_name: str, b_na
     return [x for x, _ in pairs], paired(a, b)
 
 
+DETERMINISTIC = ("lbfgs", "knn")  # optimizers whose result a seed moves only through the validation split
+
+
+def one_seed_sgd(comparisons: list[Comparison], column: str, varying: list[str]) -> str | None:
+    """A line naming the comparisons that pair one seed of a head trained by SGD (either side), or None.
+
+    The interval and test resample eval rows; one seed leaves the training run's own noise (initialisation, data
+    order) inside Δ, where it reads as an effect of the compared column.
+    """
+    label_cols = [c for c in varying if c != column] or ["head"]
+    names = [c.cell.label(label_cols) for c in comparisons if len(c.seeds) < 2 and any(
+        r.get("training", {}).get("optimizer") not in DETERMINISTIC for r in c.cell.records + c.baseline.records)]
+    if not names:
+        return None
+    return (f"one seed of an SGD-trained head ({', '.join(dict.fromkeys(names))}): the interval and p-value resample "
+            "eval rows only, so the run's training noise is part of Δ; rerun both sides with --seeds 0,1,2 before "
+            "reading it as an effect")
+
+
 def render(comparisons: list[Comparison], column: str, varying: list[str], fmt: str = "md") -> str:
     label_cols = [c for c in varying if c != column] or ["head"]
     header = ["compared", "baseline", "top-1 (%)", "baseline top-1 (%)", "Δ top-1 (pt)", "95 % CI (pt)",
@@ -180,6 +199,9 @@ def render(comparisons: list[Comparison], column: str, varying: list[str], fmt: 
     n_rows = {c.result.rows for c in comparisons}
     lines += ["", f"Δ = compared − baseline on the same {', '.join(map(str, sorted(n_rows)))} eval rows; "
               f"{PAIRED_METHOD}."]
+    warning = one_seed_sgd(comparisons, column, varying)
+    if warning:
+        lines += ["", f"Note: {warning}."]
     return "\n".join(lines)
 
 

@@ -16,6 +16,17 @@ Make the float16 stores first (about a minute on 2 CPU cores; CIFAR-10 JPEGs fro
     (and random_train / random_test with --no-pretrained instead of --checkpoint)
 
 then ``python benchmarks/codec_costs.py`` writes ``benchmarks/results/codecs.json`` and prints a table.
+
+Any pair of float16 stores named ``W/NAME_train.zarr`` / ``W/NAME_test.zarr`` is a model (``--models NAME``): e.g.
+the 10k-row paper_small stores and their 128 px twin. ``--reuse`` makes the command incremental: complete coded
+stores are kept, each results file gains only the (head, seed) pairs it lacks, so seeds and heads are added run by
+run and the JSON always holds every pair's paired test (``mimprobe report F16 CODED --compare dtype=float16``).
+The rq table of the README:
+
+    python benchmarks/codec_costs.py --workdir W --models mae,sup,random --codecs rq:24+prefix,rq:24+prefix+mean \
+        --probed rq:24+prefix,rq:24+prefix+mean --heads linear-mean,knn-mean,abmilp,ep,attentive --seeds 0 \
+        --threads 1 --reuse --phase probe --out benchmarks/results/codecs_rq.json
+    (and --models mae128 --codecs rq:32+prefix+mean --probed rq:32+prefix+mean --seeds 0,1,2)
 """
 
 from __future__ import annotations
@@ -36,7 +47,8 @@ from mimprobe.probe.feed import Feeder
 
 NAME = "codecs"
 HEADS = "linear-cls,linear-mean,knn-mean,abmilp"
-CODECS = ["int8", "int4", "int4r", "int4r+prefix", "pca:48", "pq:96", "pq:48", "pq:48+prefix", "pq:24", "pq:24+prefix"]
+CODECS = ["int8", "int4", "int4r", "int4r+prefix", "pca:48", "pq:96", "pq:48", "pq:48+prefix", "pq:24", "pq:24+prefix",
+          "rq:24+prefix", "rq:24+prefix+mean"]
 # the codecs probed (every codec is compressed, sized and its error measured; probing costs minutes per codec on
 # a 2-core machine, so the ones the issue's targets need: int8 for reference, the 0.25x and 0.125x candidates)
 PROBED = {"mae": ["int8", "int4r", "int4r+prefix", "pq:96", "pq:48", "pq:48+prefix", "pq:24+prefix"],
@@ -51,20 +63,37 @@ def mimprobe(*args: str) -> str:
     return out.stdout
 
 
-def probe(train: str, test: str, seeds: str, out: str, reuse: bool = False) -> dict:
-    """Eval top-1 (%) per head, one per seed; ``reuse``: an earlier run's records of the same heads and seeds."""
-    want = {(h, int(s)) for h in HEADS.split(",") for s in seeds.split(",")}
-    if not (reuse and os.path.exists(out)
-            and {(r["head"], r["seed"]) for r in map(json.loads, open(out))} == want):
-        if os.path.exists(out):
-            os.remove(out)
-        mimprobe("probe", train, test, "--head", HEADS, "--seeds", seeds, "--device", "cpu", "--out", out,
+def probe(train: str, test: str, heads: str, seeds: str, out: str, reuse: bool = False) -> dict:
+    """Eval top-1 (%) per head, one per seed. ``reuse``: keep the records ``out`` already holds and probe only
+    the (head, seed) pairs it lacks, appended to it (so seeds can be added run by run)."""
+    want = {(h, int(s)) for h in heads.split(",") for s in seeds.split(",")}
+    if not reuse and os.path.exists(out):
+        os.remove(out)
+    have = {(r["head"], r["seed"]) for r in map(json.loads, open(out))} if os.path.exists(out) else set()
+    for seed in sorted({s for _, s in want - have}):
+        missing = [h for h in heads.split(",") if (h, seed) not in have]
+        mimprobe("probe", train, test, "--head", ",".join(missing), "--seeds", seed, "--device", "cpu", "--out", out,
                  "--quiet")
     recs: dict = {}
     for line in open(out):
         r = json.loads(line)
-        recs.setdefault(r["head"], {})[r["seed"]] = 100 * r["metrics"]["eval_top1"]
+        if (r["head"], r["seed"]) in want:
+            recs.setdefault(r["head"], {})[r["seed"]] = 100 * r["metrics"]["eval_top1"]
     return {h: [v[k] for k in sorted(v)] for h, v in recs.items()}  # seed order, so changes pair seed by seed
+
+
+def paired_vs_float16(base_out: str, coded_out: str, heads: str, seeds: str) -> dict:
+    """``mimprobe report BASE CODED --compare dtype=float16`` on the wanted heads and seeds: per head the paired
+    difference over the same eval rows (bootstrap interval, McNemar / sign test; the seeds paired by number)."""
+    from mimprobe.report import compare as cmp
+    from mimprobe.report.tables import load_results
+
+    want = {(h, int(s)) for h in heads.split(",") for s in seeds.split(",")}
+    records = [r for r in load_results([base_out, coded_out]) if (r["head"], r["seed"]) in want]
+    comparisons, _, _ = cmp.compare(records, "dtype=float16")
+    return {c.cell.labels["head"]: {"diff": round(100 * c.result.diff, 2), "ci95": [round(100 * c.result.low, 2),
+                                    round(100 * c.result.high, 2)], "p": float(f"{c.result.p:.3g}"),
+                                    "seeds": c.seeds, "holds": c.result.holds} for c in comparisons}
 
 
 def change(coded: list[float], base: list[float]) -> dict:
@@ -72,6 +101,13 @@ def change(coded: list[float], base: list[float]) -> dict:
     d = np.array(coded) - np.array(base)
     return {"mean": round(float(d.mean()), 2), "std": round(float(d.std(ddof=1)) if len(d) > 1 else 0.0, 2),
             "per_seed": [round(float(x), 2) for x in d]}
+
+
+def complete(path: str) -> bool:
+    if not TokenStore.exists(path):
+        return False
+    with TokenStore.open(path) as s:
+        return s.complete
 
 
 def store_facts(path: str) -> dict:
@@ -135,9 +171,11 @@ def main() -> None:
     p = _bench.parser(__doc__)
     p.add_argument("--models", default="mae,random")
     p.add_argument("--seeds", default="0", help="probe seeds, comma list (one result per seed and head)")
+    p.add_argument("--heads", default=HEADS, help=f"heads probed on each pair, comma list (default {HEADS})")
     p.add_argument("--codecs", default=None, help="comma list compressed (default: all)")
     p.add_argument("--probed", default=None, help="comma list probed (default: PROBED of the model)")
-    p.add_argument("--reuse", action="store_true", help="reuse probe records of an earlier run (same heads, seeds)")
+    p.add_argument("--reuse", action="store_true", help="reuse an earlier run: its complete coded stores and probe "
+                   "records are kept, only missing (head, seed) pairs are probed, its results JSON is added to")
     p.add_argument("--phase", default="all", choices=["all", "probe", "read", "error"],
                    help="probe: sizes, errors, probes; read: streamed epochs of the coded eval stores (after probe); "
                         "error: only each codec fitted on TRAIN and its reconstruction error on EVAL rows (no probe)")
@@ -156,15 +194,16 @@ def main() -> None:
         return add_read_phase(args, work, out_json)
     if args.phase == "error":
         return error_phase(args, out_json)
-    result = {"benchmark": NAME, "machine": _bench.machine_info(work), "heads": HEADS.split(","), "seeds": args.seeds,
-              "protocol": "mimprobe probe defaults (L-BFGS linear heads, kNN, AdamW abmilp); heads selected on "
-                          "validation rows split from the train store; eval = CIFAR-10 test split",
+    result = {"benchmark": NAME, "machine": _bench.machine_info(work), "heads": args.heads.split(","),
+              "seeds": args.seeds, "argv": sys.argv[1:],
+              "protocol": "mimprobe probe defaults (L-BFGS linear heads, kNN, AdamW attention heads over the default "
+                          "grid); heads selected on validation rows split from the train store; eval = CIFAR-10 test "
+                          "split; coded pair against the float16 pair it was compressed from, same rows and seeds",
               "models": {}}
-    if args.reuse and os.path.exists(out_json):  # add to an earlier run's results (same heads and seeds)
+    if args.reuse and os.path.exists(out_json):  # add to an earlier run's results
         with open(out_json) as f:
             earlier = json.load(f)
-        if earlier.get("seeds") == args.seeds:
-            result["models"] = earlier.get("models", {})
+        result["models"] = earlier.get("models", {})  # each probed codec states its own heads and seeds
     for model in args.models.split(","):
         tr16, te16 = os.path.join(work, f"{model}_train.zarr"), os.path.join(work, f"{model}_test.zarr")
         if not (TokenStore.exists(tr16) and TokenStore.exists(te16)):
@@ -174,7 +213,8 @@ def main() -> None:
                     "weights": s.attrs["model"].get("weights")}
         with TokenStore.open(te16) as s:
             rows["eval"] = s.num_samples
-        base = probe(tr16, te16, args.seeds, os.path.join(work, f"{model}_float16.jsonl"), args.reuse)
+        base_out = os.path.join(work, f"{model}_float16.jsonl")
+        base = probe(tr16, te16, args.heads, args.seeds, base_out, args.reuse)
         old = result["models"].get(model, {}).get("codecs", {}) if args.reuse else {}
         entry = {"stores": rows, "float16": {"top1": base, **store_facts(tr16)}, "codecs": old}
         codecs = args.codecs.split(",") if args.codecs else CODECS
@@ -182,22 +222,25 @@ def main() -> None:
         for spec in codecs:
             tag = spec.replace(":", "").replace("+", "_")
             tr, te = os.path.join(work, f"{model}_train_{tag}.zarr"), os.path.join(work, f"{model}_test_{tag}.zarr")
-            t0 = time.perf_counter()
-            mimprobe("compress", tr16, tr, "--codec", spec, "--overwrite", "--quiet")
-            t1 = time.perf_counter()
-            mimprobe("compress", te16, te, "--codec", spec, "--codebook-from", tr, "--overwrite", "--quiet")
-            t2 = time.perf_counter()
+            seconds = old.get(spec, {}).get("compress_seconds")  # None: stores of an earlier, untimed run
+            if not (args.reuse and complete(tr) and complete(te)):
+                t0 = time.perf_counter()
+                mimprobe("compress", tr16, tr, "--codec", spec, "--overwrite", "--quiet")
+                t1 = time.perf_counter()
+                mimprobe("compress", te16, te, "--codec", spec, "--codebook-from", tr, "--overwrite", "--quiet")
+                seconds = {"train": round(t1 - t0, 2), "eval": round(time.perf_counter() - t1, 2)}
             facts = store_facts(tr)
             facts["disk_vs_float16"] = round((facts["disk_bytes"] + store_facts(te)["disk_bytes"])
                                              / (entry["float16"]["disk_bytes"] + store_facts(te16)["disk_bytes"]), 4)
-            entry["codecs"][spec] = rec = {**facts, "compress_seconds": {"train": round(t1 - t0, 2),
-                                                                         "eval": round(t2 - t1, 2)}}
+            entry["codecs"][spec] = rec = {**facts, "compress_seconds": seconds}
             line = f"{model:7s} {spec:14s} {facts['size_vs_float16']:.4f}x  err {facts['error']['rel_l2_mean']:.3f}"
             if spec in probed:
-                top1 = probe(tr, te, args.seeds, os.path.join(work, f"{model}_{tag}.jsonl"), args.reuse)
+                coded_out = os.path.join(work, f"{model}_{tag}.jsonl")
+                top1 = probe(tr, te, args.heads, args.seeds, coded_out, args.reuse)
                 delta = {h: change(top1[h], base[h]) for h in top1}
-                rec.update(top1=top1, top1_change_vs_float16=delta,
-                           worst_change=min(d["mean"] for d in delta.values()))
+                rec.update(heads=args.heads.split(","), seeds=args.seeds, top1=top1, top1_change_vs_float16=delta,
+                           worst_change=min(d["mean"] for d in delta.values()),
+                           paired_vs_float16=paired_vs_float16(base_out, coded_out, args.heads, args.seeds))
                 line += "  " + "  ".join(f"{h} {d['mean']:+.2f}±{d['std']:.2f}" for h, d in delta.items())
             print(line, flush=True)
         result["models"][model] = entry
@@ -248,7 +291,8 @@ def add_read_phase(args, work: str, out_json: str) -> None:
     reps = args.reps or 3
     result["streamed_epoch"] = {
         "what": READ_WHAT, "reps": reps,
-        **{m: read_phase(work, m, PROBED[m], reps) for m in args.models.split(",")}}
+        **{m: read_phase(work, m, args.probed.split(",") if args.probed else PROBED[m], reps)
+           for m in args.models.split(",")}}
     with open(out_json, "w") as f:
         json.dump(result, f, indent=1)
 

@@ -63,10 +63,14 @@ def mimprobe(*args: str) -> str:
     return out.stdout
 
 
+def head_seeds(heads: str, seeds: str) -> set[tuple[str, int]]:
+    return {(h, int(s)) for h in heads.split(",") for s in seeds.split(",")}
+
+
 def probe(train: str, test: str, heads: str, seeds: str, out: str, reuse: bool = False) -> dict:
     """Eval top-1 (%) per head, one per seed. ``reuse``: keep the records ``out`` already holds and probe only
     the (head, seed) pairs it lacks, appended to it (so seeds can be added run by run)."""
-    want = {(h, int(s)) for h in heads.split(",") for s in seeds.split(",")}
+    want = head_seeds(heads, seeds)
     if not reuse and os.path.exists(out):
         os.remove(out)
     have = {(r["head"], r["seed"]) for r in map(json.loads, open(out))} if os.path.exists(out) else set()
@@ -88,7 +92,7 @@ def paired_vs_float16(base_out: str, coded_out: str, heads: str, seeds: str) -> 
     from mimprobe.report import compare as cmp
     from mimprobe.report.tables import load_results
 
-    want = {(h, int(s)) for h in heads.split(",") for s in seeds.split(",")}
+    want = head_seeds(heads, seeds)
     records = [r for r in load_results([base_out, coded_out]) if (r["head"], r["seed"]) in want]
     comparisons, _, _ = cmp.compare(records, "dtype=float16")
     return {c.cell.labels["head"]: {"diff": round(100 * c.result.diff, 2), "ci95": [round(100 * c.result.low, 2),

@@ -68,8 +68,9 @@ def head_seeds(heads: str, seeds: str) -> set[tuple[str, int]]:
 
 
 def probe(train: str, test: str, heads: str, seeds: str, out: str, reuse: bool = False) -> dict:
-    """Eval top-1 (%) per head, one per seed. ``reuse``: keep the records ``out`` already holds and probe only
-    the (head, seed) pairs it lacks, appended to it (so seeds can be added run by run)."""
+    """Per head, in seed order (so changes pair seed by seed): its eval top-1 (%) and the grid member its
+    validation rows chose (with the grid edges it sits on). ``reuse``: keep the records ``out`` already holds
+    and probe only the (head, seed) pairs it lacks, appended to it (so seeds can be added run by run)."""
     want = head_seeds(heads, seeds)
     if not reuse and os.path.exists(out):
         os.remove(out)
@@ -82,8 +83,11 @@ def probe(train: str, test: str, heads: str, seeds: str, out: str, reuse: bool =
     for line in open(out):
         r = json.loads(line)
         if (r["head"], r["seed"]) in want:
-            recs.setdefault(r["head"], {})[r["seed"]] = 100 * r["metrics"]["eval_top1"]
-    return {h: [v[k] for k in sorted(v)] for h, v in recs.items()}  # seed order, so changes pair seed by seed
+            chosen = {k: v for k, v in r["chosen"].items() if k not in ("member", "ties")}
+            recs.setdefault(r["head"], {})[r["seed"]] = (100 * r["metrics"]["eval_top1"], chosen)
+    ordered = {h: [v[k] for k in sorted(v)] for h, v in recs.items()}
+    return {"top1": {h: [t for t, _ in v] for h, v in ordered.items()},
+            "chosen": {h: [c for _, c in v] for h, v in ordered.items()}}
 
 
 def paired_vs_float16(base_out: str, coded_out: str, heads: str, seeds: str) -> dict:
@@ -218,9 +222,10 @@ def main() -> None:
         with TokenStore.open(te16) as s:
             rows["eval"] = s.num_samples
         base_out = os.path.join(work, f"{model}_float16.jsonl")
-        base = probe(tr16, te16, args.heads, args.seeds, base_out, args.reuse)
+        base_probe = probe(tr16, te16, args.heads, args.seeds, base_out, args.reuse)
+        base = base_probe["top1"]
         old = result["models"].get(model, {}).get("codecs", {}) if args.reuse else {}
-        entry = {"stores": rows, "float16": {"top1": base, **store_facts(tr16)}, "codecs": old}
+        entry = {"stores": rows, "float16": {**base_probe, "seeds": args.seeds, **store_facts(tr16)}, "codecs": old}
         codecs = args.codecs.split(",") if args.codecs else CODECS
         probed = args.probed.split(",") if args.probed else PROBED.get(model, [])
         for spec in codecs:
@@ -240,9 +245,9 @@ def main() -> None:
             line = f"{model:7s} {spec:14s} {facts['size_vs_float16']:.4f}x  err {facts['error']['rel_l2_mean']:.3f}"
             if spec in probed:
                 coded_out = os.path.join(work, f"{model}_{tag}.jsonl")
-                top1 = probe(tr, te, args.heads, args.seeds, coded_out, args.reuse)
-                delta = {h: change(top1[h], base[h]) for h in top1}
-                rec.update(heads=args.heads.split(","), seeds=args.seeds, top1=top1, top1_change_vs_float16=delta,
+                coded = probe(tr, te, args.heads, args.seeds, coded_out, args.reuse)
+                delta = {h: change(coded["top1"][h], base[h]) for h in coded["top1"]}
+                rec.update(heads=args.heads.split(","), seeds=args.seeds, **coded, top1_change_vs_float16=delta,
                            worst_change=min(d["mean"] for d in delta.values()),
                            paired_vs_float16=paired_vs_float16(base_out, coded_out, args.heads, args.seeds))
                 line += "  " + "  ".join(f"{h} {d['mean']:+.2f}±{d['std']:.2f}" for h, d in delta.items())

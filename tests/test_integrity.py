@@ -370,3 +370,24 @@ def test_all_zero_chunks_are_written(tmp_path, cli):
     p = synthetic_store(tmp_path / "zero.zarr", torch.zeros(16, 3, 4), np.arange(16) % 2, chunk_rows=8)
     code, out, err = cli("verify", p, "--quiet")
     assert code == 0 and ": OK: 2/2 chunks done" in out, (out, err)
+
+
+def test_verify_reads_is_a_probe_option_from_python_too(stores, monkeypatch):
+    """``verify_reads`` is declared with the other probe options (flag, suite key, Python keyword): every store a
+    run with it opens checks every read, and the setting ends with the run."""
+    import mimprobe
+    from mimprobe.cache_store import store as store_mod
+    from mimprobe.cache_store.chunk_io import VERIFY_READS_ENV
+
+    monkeypatch.delenv(VERIFY_READS_ENV, raising=False)
+    seen = []
+    real = store_mod.verify_reads_default
+    monkeypatch.setattr(store_mod, "verify_reads_default", lambda: seen.append(real()) or seen[-1])
+    kw = dict(heads=["abmilp"], in_memory=False, lrs=[1e-3], wds=[0.0], epochs=1, min_steps=1, device="cpu",
+              quiet=True)
+    mimprobe.probe(stores["fp16"], stores["eval"], **kw)
+    assert seen and not any(seen)
+    seen.clear()
+    mimprobe.probe(stores["fp16"], stores["eval"], verify_reads=True, **kw)
+    assert seen and all(seen)
+    assert VERIFY_READS_ENV not in os.environ

@@ -10,6 +10,7 @@ every read with ``MIMPROBE_VERIFY_READS=1``, and always for library reads. :clas
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -19,6 +20,24 @@ from mimprobe.cache_store.schema import ATTENTION, scales_name
 from mimprobe.errors import first_line
 
 VERIFY_READS_ENV = "MIMPROBE_VERIFY_READS"
+
+
+@contextmanager
+def verifying_reads(on: bool = True):
+    """Within the block, every chunk read is checked against its checksum (``probe --verify-reads``): set in the
+    environment, so that DataLoader workers started in the block check too; the earlier setting comes back after."""
+    if not on:
+        yield
+        return
+    before = os.environ.get(VERIFY_READS_ENV)
+    os.environ[VERIFY_READS_ENV] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(VERIFY_READS_ENV, None)
+        else:
+            os.environ[VERIFY_READS_ENV] = before
 
 
 def verify_reads_default() -> bool:

@@ -61,7 +61,8 @@ def attention(
     typer.echo(f"wrote {json_path} and {png_path}")
 
 
-@command(app, ExtractOptions, only=("batch_size", "device", "workers"), defaults={"batch_size": 32, "workers": 0})
+@command(app, ExtractOptions, only=("batch_size", "device", "workers"), defaults={"batch_size": 32, "workers": 0},
+         helps={"workers": "image decoding processes (0: in this process)"})
 def heatmap(
     head_dir: str = typer.Argument(..., help="a head with attention weights (abmilp, attentive, ep, simpool, map, "
                                    "coca, cait, ...) saved by probe --save-heads"),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import typer
@@ -18,18 +17,12 @@ def probe(
     opts,
     train_store: str = typer.Argument(..., help="store to train (and choose hyper-parameters) on"),
     eval_store: str = typer.Argument(..., help="store to report on (never used for choosing)"),
-    verify_reads: bool = typer.Option(False, help="check every chunk read against its checksum (streaming too; "
-                                      "chunks loaded into memory are always checked)"),
 ):
     """Train probe heads on cached tokens (whole grids in one pass), choose on train, report on eval."""
     from mimprobe.probe.results import format_table
     from mimprobe.probe.run import run_probe
 
     _quiet(opts.quiet)
-    if verify_reads:  # read by every store opened from here on, DataLoader workers included
-        from mimprobe.cache_store.chunk_io import VERIFY_READS_ENV
-
-        os.environ[VERIFY_READS_ENV] = "1"
     records = run_probe(train_store, eval_store, opts)
     if records and records[0]["world_size"] > 1 and not _is_main():
         return

@@ -98,6 +98,9 @@ class ProbeOptions:
                                      "every epoch); the same command resumes a killed run", check=a_float(0),
                                      suite="probe.checkpoint_every", run_option=True)
     quiet: bool = option(False, "no progress bars or notes", check=a_bool, run_option=True)
+    verify_reads: bool = option(False, "check every chunk read against its checksum (streaming too; chunks loaded "
+                                "into memory are always checked)", check=a_bool, suite="probe.verify_reads",
+                                run_option=True)
     online: str | None = option(None, "the papers' protocol, to measure the cache against: train on tokens the "
                                 "backbone computes in the loop from this DATA (the train store's dataset), a fresh "
                                 "crop every epoch; choose and evaluate on the cached center crops (slow)", check=a_str)

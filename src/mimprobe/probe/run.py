@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from mimprobe.cache_store.chunk_io import verifying_reads
 from mimprobe.cache_store.schema import MODEL_KEYS, identity_diff
 from mimprobe.errors import UserError
 from mimprobe.probe import knn, label_free
@@ -56,13 +57,14 @@ class Outcome:
 def run_probe(train_path: str, eval_path: str, opts: ProbeOptions, trace=None) -> list[dict]:
     """Train, select and evaluate every head for every seed; returns one record per (head, seed). ``trace``
     (:class:`~mimprobe.probe.halving.Trace`, benchmarks only): also score every SGD member as it trains."""
-    plan = make_plan(train_path, eval_path, opts)
-    if trace is not None and plan.sgd is not None:
-        plan.sgd = replace(plan.sgd, trace=trace)
-    try:
-        records = execute(plan)
-    finally:
-        plan.close()
+    with verifying_reads(opts.verify_reads):  # every store the run opens, DataLoader workers included
+        plan = make_plan(train_path, eval_path, opts)
+        if trace is not None and plan.sgd is not None:
+            plan.sgd = replace(plan.sgd, trace=trace)
+        try:
+            records = execute(plan)
+        finally:
+            plan.close()
     if opts.out and plan.ctx.is_main:
         append_jsonl(opts.out, records)
         shutil.rmtree(resume_dir(plan), ignore_errors=True)

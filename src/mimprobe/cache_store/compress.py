@@ -31,7 +31,7 @@ from mimprobe.errors import UserError
 log = logging.getLogger("mimprobe")
 
 FIT_ROWS = 2048  # rows whose tokens a codec is fitted on (at most FIT_TOKENS tokens of them)
-FIT_TOKENS = 65536
+FIT_TOKENS = 65536  # = 256 centroids x faiss k-means' default cap of 256 points per centroid (docs/design.md)
 ERROR_ROWS = 512  # rows the reconstruction error is measured on (other rows than the fit's where the store has them)
 # attributes of the source a compressed store does not inherit (the layout writes its own)
 _NOT_INHERITED = ("codec", "quantization", "checksums", "index_checksums", "complete", "compressed_from")

@@ -21,12 +21,16 @@ Any pair of float16 stores named ``W/NAME_train.zarr`` / ``W/NAME_test.zarr`` is
 the 10k-row paper_small stores and their 128 px twin. ``--reuse`` makes the command incremental: complete coded
 stores are kept, each results file gains only the (head, seed) pairs it lacks, so seeds and heads are added run by
 run and the JSON always holds every pair's paired test (``mimprobe report F16 CODED --compare dtype=float16``).
-The rq table of the README:
+The rq table of the README (``benchmarks/results/codecs_rq.json``; a codec's heads and seeds are those of the
+call that names it, and the float16 entry of a model those of its last call, so the widest call comes last):
 
-    python benchmarks/codec_costs.py --workdir W --models mae,sup,random --codecs rq:24+prefix,rq:24+prefix+mean \
-        --probed rq:24+prefix,rq:24+prefix+mean --heads linear-mean,knn-mean,abmilp,ep,attentive --seeds 0 \
-        --threads 1 --reuse --phase probe --out benchmarks/results/codecs_rq.json
-    (and --models mae128 --codecs rq:32+prefix+mean --probed rq:32+prefix+mean --seeds 0,1,2)
+    R="python benchmarks/codec_costs.py --workdir W --threads 1 --reuse --phase probe --out benchmarks/results/codecs_rq.json"
+    ALL=linear-cls,linear-mean,knn-mean,abmilp,ep,attentive
+    $R --models mae,sup --codecs rq:24+prefix --probed rq:24+prefix --heads linear-mean,knn-mean,abmilp --seeds 0
+    $R --models random --codecs rq:24+prefix --probed rq:24+prefix --heads linear-cls,linear-mean,knn-mean,abmilp --seeds 0
+    $R --models sup,random --codecs rq:24+prefix+mean --probed rq:24+prefix+mean --heads $ALL --seeds 0
+    $R --models mae --codecs rq:24+prefix+mean --probed rq:24+prefix+mean --heads $ALL --seeds 0,1,2
+    $R --models mae128 --codecs rq:32+prefix+mean --probed rq:32+prefix+mean --heads $ALL --seeds 0,1,2
 """
 
 from __future__ import annotations

@@ -266,6 +266,26 @@ def main() -> None:
     print(out_json)
 
 
+class Fp8Candidate:
+    """A codec considered and not built (issue 27: "fp8 with scales, if it measures well"): float8 values with
+    one float16 scale per 32 channels per token, int8's groups and bytes; only its round trip, for the error
+    phase (``--codecs fp8-e4m3,fp8-e5m2``)."""
+
+    FORMATS = {"fp8-e4m3": (torch.float8_e4m3fn, 448.0), "fp8-e5m2": (torch.float8_e5m2, 57344.0)}
+    param_names = ()
+
+    def __init__(self, spec: str):
+        self.dtype, self.max = self.FORMATS[spec]
+
+    def bytes_per_row(self, num_tokens: int, dim: int) -> int:
+        return num_tokens * (dim + 2 * (dim // 32))
+
+    def roundtrip(self, x: torch.Tensor) -> torch.Tensor:
+        g = x.float().reshape(*x.shape[:-1], -1, 32)
+        scale = (g.abs().amax(-1, keepdim=True) / self.max).clamp_min(1e-12).half().float()
+        return ((g / scale).to(self.dtype).float() * scale).reshape(x.shape)
+
+
 def error_phase(args, out_json: str) -> None:
     """Fit each codec on the train store's seeded sample (as ``compress`` does) and measure its reconstruction
     error on the eval store's seeded rows; fit seconds on this shared machine. No store is written."""
@@ -279,7 +299,8 @@ def error_phase(args, out_json: str) -> None:
     with TokenStore.open(args.train) as tr, TokenStore.open(args.eval) as te:
         x = decoded_rows(te, sample_rows(te, ERROR_ROWS, 0, 1))
         for spec in (args.codecs or ",".join(CODECS)).split(","):
-            codec = make_codec(spec, num_prefix=tr.num_prefix_tokens)
+            codec = (Fp8Candidate(spec) if spec in Fp8Candidate.FORMATS
+                     else make_codec(spec, num_prefix=tr.num_prefix_tokens))
             t0 = time.perf_counter()
             if codec.param_names:
                 fit_codec(codec, tr, 0)

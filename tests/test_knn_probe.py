@@ -58,7 +58,8 @@ def test_knn_sweep_selected_on_validation_rows_few_shot_and_from_a_saved_head(di
     for r in recs:
         assert r["num_train"] == 100 and r["num_val"] > 0  # a 10-shot bank; (k, T, vote) chosen outside it
         if r["head"].startswith("knn"):
-            assert len(r["grid"]) == 3 * 2 + 3  # weighted × T × k, majority × k, from one search
+            assert len(r["grid"]) == 3 * 2  # weighted × T × k (DINO's vote alone by default), from one search
+            assert {g["vote"] for g in r["grid"]} == {"weighted"}
             assert r["metrics"]["val_top1"] == max(g["val_top1"] for g in r["grid"])
             assert r["training"]["bank_rows"] == 100
     assert len({r["subset"]["hash"] for r in recs if r["head"] == "knn-mean"}) == 2
@@ -68,10 +69,39 @@ def test_knn_sweep_selected_on_validation_rows_few_shot_and_from_a_saved_head(di
     assert "knn" in line and "±" in line
 
 
+def test_knn_vote_option_adds_the_majority_vote_to_the_sweep_or_fixes_it(digits_stores, tmp_path, cli):
+    """The default sweep scores DINO's weighted vote only (the reference: docs/protocol.md); --knn-vote
+    weighted,majority scores both from the same search, and with --val-fraction 0 a single vote is the point used."""
+    train_p, test_p = digits_stores
+    runs = {}
+    for name, extra in (("default", []), ("both", ["--knn-vote", "weighted,majority"]),
+                        ("majority", ["--knn-vote", "majority", "--knn-k", "10", "--val-fraction", "0"])):
+        out = tmp_path / f"{name}.jsonl"
+        code, _, err = cli("probe", train_p, test_p, "--head", "knn-mean", "--knn-k", "5,10", "--out", out,
+                           "--quiet", *extra)
+        assert code == 0, err
+        (runs[name],) = [json.loads(x) for x in open(out)]
+    d, b, m = runs["default"], runs["both"], runs["majority"]
+    assert [g["vote"] for g in d["grid"]] == ["weighted"] * 2 and d["training"]["grid"]["vote"] == ["weighted"]
+    assert [g["vote"] for g in b["grid"]] == ["weighted"] * 2 + ["majority"] * 2
+    assert [g["val_top1"] for g in b["grid"][:2]] == [g["val_top1"] for g in d["grid"]]  # the same search
+    assert m["chosen"]["vote"] == "majority" and m["chosen"]["k"] == 10 and m["chosen"]["t"] is None
+    # the fixed majority point evaluates as the sweep's majority member would on the eval rows
+    tr, te = TokenStore.open(train_p), TokenStore.open(test_p)
+    bank_rows, eval_rows = subsets.usable_rows(tr), subsets.usable_rows(te)
+    bank, q = _features(tr, bank_rows, "knn-mean"), _features(te, eval_rows, "knn-mean")
+    nn = np.argsort(-(q @ bank.T), axis=1, kind="stable")[:, :10]
+    votes = np.zeros((len(q), 10))
+    for i in range(len(q)):
+        np.add.at(votes[i], tr.labels[bank_rows][nn[i]], 1.0)
+    ref = (votes.argmax(1) == te.labels[eval_rows]).mean()
+    assert m["metrics"]["eval_top1"] == pytest.approx(ref, abs=1 / len(q))
+
+
 def test_knn_errors(digits_stores, cli, tmp_path):
     train_p, test_p = digits_stores
     for extra, expect in ((["--knn-k", "0"], "--knn-k"), (["--pool-from", str(tmp_path)], "not a saved head"),
-                          (["--memory", "lots"], "--memory")):
+                          (["--memory", "lots"], "--memory"), (["--knn-vote", "soft"], "--knn-vote")):
         code, _, err = cli("probe", train_p, test_p, "--head", "knn-mean", *extra, "--quiet")
         one_line_error(code, err, expect)
 

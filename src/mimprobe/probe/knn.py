@@ -27,11 +27,10 @@ from tqdm import tqdm
 
 from mimprobe.errors import UserError
 from mimprobe.probe.knn_bank import FeatureBank, as_bank, resolve_device
-from mimprobe.probe.options import DEFAULT_MEMORY, DINO_KS, DINO_T
+from mimprobe.probe.options import DEFAULT_MEMORY, DINO_KS, DINO_T, VOTES
 
 __all__ = ["VOTES", "best", "block_sizes", "knn_sweep", "predict", "sweep", "topk_neighbours"]
 
-VOTES = ("weighted", "majority")
 SIM_BYTES = 6  # per similarity-block element: the float32 similarity + the tie fall-back's sort (≤ 2 B/element)
 TOPK_BYTES = 96  # per query row and neighbour: the running top-k (12 B) and the merge's temporaries
 MIN_BANK_BLOCK = 2048  # bank rows per block below which the query block shrinks instead

@@ -65,7 +65,7 @@ def training(plan: ProbePlan, head: HeadPlan, out) -> dict:
                 "pooled": f"saved head {head.options['from']}" if head.from_saved else "+".join(head.features),
                 "votes": "weighted: exp(s/T); majority: 1", "bank_rows": out.timings.get("bank_rows"),
                 "memory_bytes": o.memory, "grid": {"k": list(o.knn_k), "t": list(o.knn_t),
-                                                   "vote": ["weighted", "majority"]}}
+                                                   "vote": list(o.knn_vote)}}
     if head.trainer == "lbfgs":
         return {"optimizer": "lbfgs", "iterations": r.steps, "max_iter": MAX_ITER, "tol": TOL,
                 "objective": "mean cross-entropy + l2/2 ||W||^2 on standardized features (l2 = 1/(C N))",

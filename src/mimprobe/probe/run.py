@@ -326,13 +326,16 @@ def _run_knn(plan: ProbePlan, split: Split, head: HeadPlan, pooled: tuple[Pooled
     common = dict(device=plan.device, memory_bytes=o.memory, progress=not o.quiet)
     if len(split.val_rows):
         queries = knn.FeatureBank(mtr, ptrain.y, rows=ptrain.positions(split.val_rows))
-        recs = knn.knn_sweep(queries, queries.labels, bank, ks, o.knn_t, num_classes=plan.num_classes, **common)
+        recs = knn.knn_sweep(queries, queries.labels, bank, ks, o.knn_t, votes=o.knn_vote,
+                             num_classes=plan.num_classes, **common)
         points = [{"k": r["k"], "t": r["temperature"], "vote": r["vote"]} for r in recs]
         val = [r["top1"] for r in recs]
         chosen = val.index(max(val))  # the first of equals: weighted before majority, smaller T, smaller k
     else:
-        k, t, vote = KNN_DEFAULT_POINT  # or the one k / T given
+        k, t, vote = KNN_DEFAULT_POINT  # or the one k / T / vote given
         k, t = (o.knn_k[0] if len(o.knn_k) == 1 else k), (o.knn_t[0] if len(o.knn_t) == 1 else t)
+        vote = o.knn_vote[0] if len(o.knn_vote) == 1 else vote
+        t = None if vote == "majority" else t
         points, val, chosen = [{"k": min(k, len(bank)), "t": t, "vote": vote}], None, 0
     t_eval = time.perf_counter()
     c = points[chosen]

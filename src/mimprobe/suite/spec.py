@@ -101,7 +101,7 @@ class TrainSet:
 
 # the ProbeOptions fields an evaluation sets (declared with suite="evaluations.KEY" in probe/options.py), with the
 # heads, the training set and the seed, make an evaluation cell (the others are run options: device, workers, ...)
-KNN_FIELDS = ("knn_k", "knn_t")
+KNN_FIELDS = ("knn_k", "knn_t", "knn_vote")
 HALVING_FIELDS = ("grid_search", "halving_rungs", "keep")  # in a cell's identity only when it searches by halving
 
 

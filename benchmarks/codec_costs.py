@@ -28,7 +28,7 @@ call that names it, and the float16 entry of a model those of its last call, so 
     ALL=linear-cls,linear-mean,knn-mean,abmilp,ep,attentive
     $R --models mae,sup --codecs rq:24+prefix --probed rq:24+prefix --heads linear-mean,knn-mean,abmilp --seeds 0
     $R --models random --codecs rq:24+prefix --probed rq:24+prefix --heads linear-cls,linear-mean,knn-mean,abmilp --seeds 0
-    $R --models random --codecs rq:24+prefix+mean --probed rq:24+prefix+mean --heads $ALL --seeds 0
+    $R --models random --codecs rq:24+prefix+mean --probed rq:24+prefix+mean --heads $ALL --seeds 0,1,2
     $R --models mae,sup --codecs rq:24+prefix+mean --probed rq:24+prefix+mean --heads $ALL --seeds 0,1,2
     $R --models mae128 --codecs rq:32+prefix+mean --probed rq:32+prefix+mean --heads $ALL --seeds 0,1,2
 """

@@ -308,6 +308,36 @@ def test_streamed_and_in_memory_readers_decode_like_read_tokens(tmp_path, spec):
         assert torch.equal(mem, want)
 
 
+def test_predict_with_a_head_saved_from_a_coded_pair_reads_the_coded_store(tmp_path, cli):
+    """`predict` decodes a coded store as the probe did: the saved head's top-1 and each row's prediction are the
+    probe's own on the coded eval store."""
+    from mimprobe.probe.predictions import Predictions, record_path
+
+    g = torch.Generator().manual_seed(2)
+    protos = torch.randn(3, 32, generator=g) * 2
+    y = np.arange(150) % 3
+    x = torch.randn(150, 9, 32, generator=g) + protos[torch.from_numpy(y)][:, None]
+    x[..., 5] *= 20  # an outlier channel, as in a ViT
+    raw_tr = synthetic_store(tmp_path / "rtr.zarr", x[:100], y[:100], chunk_rows=16)
+    raw_te = synthetic_store(tmp_path / "rte.zarr", x[100:], y[100:], chunk_rows=16, dataset_hash="test")
+    tr, te = str(tmp_path / "tr.zarr"), str(tmp_path / "te.zarr")
+    assert cli("compress", raw_tr, tr, "--codec", "int4r+prefix", "--quiet")[0] == 0
+    assert cli("compress", raw_te, te, "--codec", "int4r+prefix", "--codebook-from", tr, "--quiet")[0] == 0
+    out, heads = tmp_path / "r.jsonl", tmp_path / "heads"
+    code, _, err = cli("probe", tr, te, "--head", "abmilp", "--lr", "3e-3", "--wd", "0", "--epochs", "3",
+                       "--min-steps", "0", "--save-heads", heads, "--out", out, "--quiet", "--device", "cpu")
+    assert code == 0, err
+    rec = json.loads(out.read_text())
+    csv = tmp_path / "p.csv"
+    code, stdout, err = cli("predict", heads / "abmilp" / "seed0", te, "--out", csv, "--device", "cpu")
+    assert code == 0, err
+    assert f"top-1 {100 * rec['metrics']['eval_top1']:.2f}%" in stdout
+    kept = Predictions.load(record_path(rec, str(out)))
+    rows = [ln.split(",") for ln in csv.read_text().splitlines()[1:]]
+    by_id = {r[0]: int(r[2]) for r in rows}
+    assert len(by_id) == 50 and all(by_id[i] == p for i, p in zip(kept.ids, kept.top[:, 0].tolist()))
+
+
 def test_extract_codec_writes_what_compress_makes_of_a_float32_extraction(image_folder, tiny_ckpt, tmp_path, cli):
     """`extract --codec int4r+prefix` (rotation from --seed) holds exactly the codes `compress` writes from the
     float32 tokens of the same extraction; `extract --repair` of it rewrites a damaged chunk bitwise."""

@@ -100,9 +100,8 @@ def test_killed_rank_then_single_process_finishes(tmp_path, folder, tiny_ckpt):
     _same(ref, store)
 
 
-def test_two_rank_probe_matches_single_process(tmp_path):
-    from mimprobe.probe.predictions import Predictions, record_path
-
+def _clustered_pair(tmp_path):
+    """A train / eval pair whose class sits in one token of each row (1,200 rows: 800 / 400)."""
     rng = np.random.default_rng(0)
     n, T, D, C = 1200, 17, 32, 4
     y = np.arange(n) % C
@@ -113,6 +112,13 @@ def test_two_rank_probe_matches_single_process(tmp_path):
     x[np.arange(n), pos, 0] = 5.0
     tr = synthetic_store(tmp_path / "tr.zarr", x[:800], y[:800], chunk_rows=40)
     te = synthetic_store(tmp_path / "te.zarr", x[800:], y[800:], chunk_rows=40)
+    return tr, te
+
+
+def test_two_rank_probe_matches_single_process(tmp_path):
+    from mimprobe.probe.predictions import Predictions, record_path
+
+    tr, te = _clustered_pair(tmp_path)
     args = ["probe", tr, te, "--head", "linear-mean,abmilp", "--lr", "3e-3,1e-2", "--wd", "1e-4", "--epochs", 10,
             "--min-steps", 0, "--optimizer", "adamw", "--batch-size", 32, "--quiet", "--device", "cpu"]
     out2 = tmp_path / "two.jsonl"
@@ -174,3 +180,41 @@ def test_two_rank_probe_with_successive_halving(tmp_path):
     assert rec["world_size"] == 2 and s["kind"] == "halving" and (s["stopped"], s["finished"]) == (4, 2)
     assert len(s["rung_steps"]) == 2 and s["member_steps"] < s["full_member_steps"]
     assert "stopped" not in rec["grid"][rec["chosen"]["member"]] and rec["metrics"]["eval_top1"] > 0.9
+
+
+def test_two_rank_probe_of_a_coded_pair_matches_single_process(tmp_path):
+    """Each rank decodes its shard of a coded (int4r+prefix) pair; the two-rank result is the single process's."""
+    from mimprobe.cache_store.compress import compress
+
+    raw_tr, raw_te = _clustered_pair(tmp_path)
+    tr, te = str(tmp_path / "ctr.zarr"), str(tmp_path / "cte.zarr")
+    compress(raw_tr, tr, "int4r+prefix", quiet=True)
+    compress(raw_te, te, "int4r+prefix", codebook_from=tr, quiet=True)
+    out2 = tmp_path / "two.jsonl"
+    r = subprocess.run(_torchrun("probe", tr, te, "--head", "abmilp", "--lr", "1e-2", "--wd", "1e-4", "--epochs", 10,
+                                 "--min-steps", 0, "--batch-size", 32, "--quiet", "--device", "cpu", "--stream",
+                                 "--out", out2), env=ENV, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    import json
+
+    (two,) = map(json.loads, open(out2))
+    (one,) = run_probe(tr, te, ProbeOptions(heads=["abmilp"], lrs=[1e-2], wds=[1e-4], epochs=10, min_steps=0,
+                                            batch_size=64, quiet=True, device="cpu"))
+    assert two["world_size"] == 2 and two["num_eval"] == one["num_eval"] == 400
+    assert two["train_store"]["dtype"] == one["eval_store"]["dtype"] == "int4r+prefix"
+    assert abs(two["metrics"]["eval_top1"] - one["metrics"]["eval_top1"]) <= 0.02 + 1e-9
+    assert one["metrics"]["eval_top1"] > 0.9
+    with TokenStore.open(tr) as s, TokenStore.open(raw_tr) as r:
+        assert s.chunk_rows == r.chunk_rows == 40  # compress keeps the source's chunks for readers to share
+
+
+def test_a_store_with_fewer_chunks_than_ranks_streamed_is_one_line(tmp_path):
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(64, 5, 8)), np.arange(64) % 2
+    tr = synthetic_store(tmp_path / "tr.zarr", x, y, chunk_rows=64)  # one chunk for two ranks
+    r = subprocess.run(_torchrun("probe", tr, tr, "--head", "abmilp", "--lr", "1e-3", "--wd", "0", "--epochs", 1,
+                                 "--min-steps", 0, "--val-fraction", 0, "--quiet", "--device", "cpu", "--stream"),
+                       env=ENV, capture_output=True, text=True)
+    assert r.returncode != 0
+    assert "ranks stream whole chunks and some rank got none of its 1 chunks" in r.stderr
+    assert "--in-memory" in r.stderr and "ZeroDivisionError" not in r.stderr

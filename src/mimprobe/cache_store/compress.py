@@ -1,8 +1,11 @@
 """``mimprobe compress``: an existing store re-coded with another codec (:mod:`.codecs`), chunk by chunk, without
 the backbone.
 
-The new store has the source's rows, labels, ids, validity, final norm and attributes; only its codec (and so its
-chunking) differs. A codec with parameters gets them first: copied from ``codebook_from`` (the train store, so an
+The new store has the source's rows, labels, ids, validity, final norm, attributes and (unless ``chunk_rows`` says
+otherwise) chunk rows; only its codec differs. Keeping the source's chunk rows, not the ~16 MB chunks a coded
+store's small rows would allow, keeps the unit of work small (a kill loses at most one chunk's coding, which for
+rq is the slow part) and keeps the number of chunks that streamed readers split over ranks and workers: a 10,000-row
+64 px store coded with rq:24 would otherwise be one chunk, which a second rank could not share. A codec with parameters gets them first: copied from ``codebook_from`` (the train store, so an
 eval store is coded like it), else fitted on a seeded sample of the source's tokens. Then every chunk not yet
 ``done`` is read from the source (each read checked against its checksum), decoded to float32, encoded and written
 with its checksums, then flagged: a killed run resumes with the same command, and the result is bitwise equal to
@@ -165,7 +168,8 @@ def _open_or_create(src, dst_path, spec, codebook_from, seed, chunk_rows, fmt, o
     if TokenStore.exists(dst_path, fmt):
         TokenStore.remove(dst_path, fmt)
     dst = TokenStore.create(dst_path, attrs=attrs, num_tokens=src.num_tokens, dim=src.dim, labels=src.labels,
-                            sample_ids=src.sample_ids, dtype=codec.spec, chunk_rows=chunk_rows, blocks=extra_blocks,
+                            sample_ids=src.sample_ids, dtype=codec.spec, chunk_rows=chunk_rows or src.chunk_rows,
+                            blocks=extra_blocks,
                             views=src.num_views, final_norm=norm, fmt=fmt, checksums=True,
                             codec_params=codec.params)
     return "created", dst

@@ -65,7 +65,9 @@ def verify(
         raise typer.Exit(1)
 
 
-@command(app, ExtractOptions, only=("chunk_rows", "format", "overwrite", "quiet"))
+@command(app, ExtractOptions, only=("chunk_rows", "format", "overwrite", "quiet"),
+         helps={"chunk_rows": "samples per chunk (default: the source's, so a kill loses at most one chunk's "
+                              "coding and readers split the store as they split the source)"})
 def compress(
     src: str = typer.Argument(..., help="a complete store (any codec)"),
     dst: str = typer.Argument(..., help="the store to write (DIR.zarr or FILE.h5)"),

@@ -20,6 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from mimprobe.distributed import DistContext
+from mimprobe.errors import UserError
 from mimprobe.probe import pooling
 from mimprobe.probe.feed import Feeder
 from mimprobe.probe.halving import Halving, SearchState, Trace
@@ -245,6 +246,11 @@ def train_grid(headset: HeadSet, train: Feeder, cfg: TrainConfig, device: torch.
         t = torch.tensor([steps_per_epoch], device=device if device.type == "cuda" else "cpu")
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
         steps_per_epoch = int(t.item())
+        if steps_per_epoch == 0:  # a streamed store with fewer chunks (of training rows) than ranks
+            raise UserError(f"{train.store.path}: {ctx.world} ranks stream whole chunks and some rank got none of "
+                            f"its {train.store.num_chunks} chunks; probe it in memory (--in-memory), with fewer "
+                            "ranks, or from a copy with smaller chunks (mimprobe compress SRC DST --codec C "
+                            "--chunk-rows R)")
     total, warmup = cfg.steps(steps_per_epoch)
     rungs = cfg.halving.steps(total) if cfg.halving is not None and val is not None else []
     search = SearchState.start(headset.heads, len(cfg.grid))

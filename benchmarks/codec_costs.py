@@ -29,8 +29,13 @@ call that names it, and the float16 entry of a model those of its last call, so 
     $R --models mae,sup --codecs rq:24+prefix --probed rq:24+prefix --heads linear-mean,knn-mean,abmilp --seeds 0
     $R --models random --codecs rq:24+prefix --probed rq:24+prefix --heads linear-cls,linear-mean,knn-mean,abmilp --seeds 0
     $R --models random --codecs rq:24+prefix+mean --probed rq:24+prefix+mean --heads $ALL --seeds 0,1,2
+    $R --models mae --codecs int8 --probed int8 --heads $ALL --seeds 0,1,2
     $R --models mae,sup --codecs rq:24+prefix+mean --probed rq:24+prefix+mean --heads $ALL --seeds 0,1,2
     $R --models mae128 --codecs rq:32+prefix+mean --probed rq:32+prefix+mean --heads $ALL --seeds 0,1,2
+
+Its knn-mean records scored the weighted and the majority vote (the kNN default until 2026-12-05; the int8 probes
+were run by hand with ``--knn-vote weighted,majority`` to match): a rebuild from scratch scores today's default,
+the weighted vote, on the float16 and the coded pair alike.
 """
 
 from __future__ import annotations

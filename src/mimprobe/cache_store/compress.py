@@ -5,8 +5,10 @@ The new store has the source's rows, labels, ids, validity, final norm, attribut
 otherwise) chunk rows; only its codec differs. Keeping the source's chunk rows, not the ~16 MB chunks a coded
 store's small rows would allow, keeps the unit of work small (a kill loses at most one chunk's coding, which for
 rq is the slow part) and keeps the number of chunks that streamed readers split over ranks and workers: a 10,000-row
-64 px store coded with rq:24 would otherwise be one chunk, which a second rank could not share. A codec with parameters gets them first: copied from ``codebook_from`` (the train store, so an
-eval store is coded like it), else fitted on a seeded sample of the source's tokens. Then every chunk not yet
+64 px store coded with rq:24 would otherwise be one chunk, which a second rank could not share.
+
+A codec with parameters gets them first: copied from ``codebook_from`` (the train store, so an eval store is coded
+like it), else fitted on a seeded sample of the source's tokens. Then every chunk not yet
 ``done`` is read from the source (each read checked against its checksum), decoded to float32, encoded and written
 with its checksums, then flagged: a killed run resumes with the same command, and the result is bitwise equal to
 an uninterrupted one (the parameters are the stored ones, coding is deterministic). ``repair=True`` verifies the

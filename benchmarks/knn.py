@@ -9,7 +9,7 @@ B: scikit-learn ``KNeighborsClassifier(n_neighbors=k, metric="cosine", algorithm
    ``.predict(Q)`` — the same task (uniform votes, ties to the smaller class on both sides).
 Ratio = B seconds ÷ A seconds (speed-up). Target ≥ 1 (not slower), with top-1 agreement reported (expected
 1.0 up to float32 near-ties). Beside it, not in the ratio: one top-200 search + DINO's whole sweep
-(k ∈ {10, 20, 100, 200} × weighted T = 0.07 and majority) timed as mimprobe runs it.
+(k ∈ {10, 20, 100, 200}, weighted vote at T = 0.07: the default sweep) timed as mimprobe runs it.
 
 (b) Memory. One float32 ``.npy`` bank of the largest size is written to the work dir; for each size (default
 50k, 100k, 200k, 400k rows × 384: 8×) a fresh subprocess opens its first N rows as an ``np.memmap`` (the

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from mimprobe.errors import UserError
 from mimprobe.probe.knn_bank import FeatureBank, as_bank, resolve_device
-from mimprobe.probe.options import DEFAULT_MEMORY, DINO_KS, DINO_T, VOTES
+from mimprobe.probe.options import DEFAULT_MEMORY, DEFAULT_VOTES, DINO_KS, DINO_T, VOTES
 
 __all__ = ["VOTES", "best", "block_sizes", "knn_sweep", "predict", "sweep", "topk_neighbours"]
 
@@ -191,7 +191,7 @@ def _rows_per_block(num_classes: int, k: int, memory_bytes: int) -> int:
 
 
 def sweep(sims, neighbour_labels, y_true, ks=DINO_KS, temperatures=(DINO_T,), num_classes: int | None = None, *,
-          votes=VOTES, memory_bytes: int = DEFAULT_MEMORY, device="cpu") -> list[dict]:
+          votes=DEFAULT_VOTES, memory_bytes: int = DEFAULT_MEMORY, device="cpu") -> list[dict]:
     """Top-1 and top-5 for every (vote, T, k), all from one top-max(k) search.
 
     ``sims`` (Q, K) sorted descending and ``neighbour_labels`` (Q, K) as from :func:`topk_neighbours` (labels =
@@ -254,7 +254,7 @@ def best(records: list[dict], metric: str = "top1") -> dict:
     return max(records, key=lambda r: r[metric])  # max keeps the first of equal keys
 
 
-def knn_sweep(queries, y_true, bank: FeatureBank, ks=DINO_KS, temperatures=(DINO_T,), *, votes=VOTES,
+def knn_sweep(queries, y_true, bank: FeatureBank, ks=DINO_KS, temperatures=(DINO_T,), *, votes=DEFAULT_VOTES,
               num_classes: int | None = None, device=None, memory_bytes: int = DEFAULT_MEMORY,
               progress: bool = True) -> list[dict]:
     """:func:`topk_neighbours` for max(ks), then :func:`sweep`: one search, every (vote, T, k) scored."""

@@ -30,6 +30,7 @@ DINO_KS = (10, 20, 100, 200)
 DINO_T = 0.07
 # the votes a kNN sweep may score; DINO's (and the default) is the weighted one alone (docs/protocol.md)
 VOTES = ("weighted", "majority")
+DEFAULT_VOTES = ("weighted",)
 DEFAULT_MEMORY = 2 << 30  # bytes
 # successive halving (probe/halving.py; docs/protocol.md, "Successive halving")
 SEARCHES = ("full", "halving")
@@ -92,7 +93,7 @@ class ProbeOptions:
                               check=a_list(an_int(1)), suite="evaluations.knn_k")
     knn_t: list[float] = option([DINO_T], "kNN heads: temperatures of the weighted vote, comma list", kind="list",
                                 item=float, check=a_list(positive), suite="evaluations.knn_t")
-    knn_vote: list[str] = option(["weighted"], "kNN heads: votes scored, comma list: weighted (DINO's, exp(s/T)) "
+    knn_vote: list[str] = option(list(DEFAULT_VOTES), "kNN heads: votes scored, comma list: weighted (DINO's, exp(s/T)) "
                                  "and/or majority (1 per neighbour)", kind="list", check=a_list(one_of(*VOTES),
                                  unique=True), suite="evaluations.knn_vote")
     pool_from: list[str] = option([], "kNN over the pooled vector of a saved head (a --save-heads directory), "

@@ -55,6 +55,8 @@ CONFIGS = ("0.1,0.25,0.5:0.3333", "0.25,0.5:0.3333", "0.25,0.5:0.5", "0.3,0.6:0.
            "0.15,0.3,0.5:0.3333", "0.15,0.3,0.5:0.25", "0.15,0.3:0.25", "0.1,0.3,0.6:0.3333", "0.1,0.4:0.25",
            "0.1,0.5:0.25", "0.15,0.35,0.6:0.3333")
 PATIENCE = (1, 2, 3)
+# the per-head table: the old default, the cheapest after the warmup that reaches 4x, and the two safest
+BY_HEAD = ("0.1,0.25,0.5:0.3333", "0.15,0.3,0.5:0.3333", "0.3,0.6:0.5", "0.5:0.5")
 
 
 def digits_stores(tmp: str) -> tuple[str, str]:
@@ -208,6 +210,26 @@ def _print(s: dict) -> None:
           f"{s['delta_points_std']:.2f} pt (worst {s['delta_points_worst']:+.2f}), same member {s['same_member']}/{s['cells']}{'  MEETS' if s['meets'] else ''}", file=sys.stderr)
 
 
+def by_head(searches: list[dict], names: list[str]) -> list[dict]:
+    """Per (store, head): the full grid's eval top-1 and each named search's Δ, mean over the seeds."""
+    rows = {}
+    for s in (s for s in searches if s["search"] in names):
+        for r in s["rows"]:
+            row = rows.setdefault((r["store"], r["head"]), {"store": r["store"], "head": r["head"], "seeds": [],
+                                                             "full_top1": [], "delta_points": {}})
+            if s["search"] == names[0]:
+                row["seeds"].append(r["seed"])
+                row["full_top1"].append(r["full_top1"])
+            row["delta_points"].setdefault(s["search"], []).append(r["delta_points"])
+    print(f"| store | head | seeds | full grid top-1 | " + " | ".join(f"Δ {n}" for n in names) + " |\n"
+          "|---|---|---|---:|" + "---:|" * len(names), file=sys.stderr)
+    for row in rows.values():
+        cells = (f"{np.mean(row['delta_points'][n]):+.2f} (worst {min(row['delta_points'][n]):+.2f})" for n in names)
+        print(f"| {row['store']} | {row['head']} | {','.join(map(str, row['seeds']))} | "
+              f"{np.mean(row['full_top1']):.2f} | " + " | ".join(cells) + " |", file=sys.stderr)
+    return list(rows.values())
+
+
 def main(argv=None):
     p = _bench.parser(__doc__)
     p.add_argument("--pair", nargs=2, action="append", metavar=("TRAIN", "EVAL"), help="default: the digits store")
@@ -267,6 +289,8 @@ def main(argv=None):
         print(f"| {s['search']} | {s['cells']} | {s['member_steps_ratio']:.2f}× | {s['delta_points_mean']:+.2f} ± "
               f"{s['delta_points_std']:.2f} | {s['delta_points_worst']:+.2f} | {s['same_member']}/{s['cells']} | "
               f"{'met' if s['meets'] else 'missed'} |", file=sys.stderr)
+    results["by_head"] = by_head(results["searches"], [f"halving {c}" for c in BY_HEAD] +
+                                 [f"early stop patience {p}" for p in PATIENCE[-1:]])
     ok = [s for s in results["searches"] if s["meets"]]
     best = max(ok or results["searches"], key=lambda s: s["member_steps_ratio"] if ok else s["delta_points_mean"])
     results["best"] = {k: v for k, v in best.items() if k != "rows"}

@@ -1,10 +1,12 @@
-"""Successive halving against the full grid, measured exactly from one traced full-grid run per (store, seed).
+"""Successive halving against the full grid, simulated from one traced full-grid run per (store, seed).
 
-Survivors of ``--grid-search halving`` train exactly as the same members of the full grid (tests/test_halving.py),
-so one full-grid run that scores every member on the validation rows at many fractions of the schedule (every
-5 %) and on the eval store (at the same points; measurement only, never a selection) tells, offline and exactly,
-which member any (rungs, keep) would choose, its eval top-1, and its member-steps (optimizer steps summed over
-the members). The simulation uses the search's own code (``SearchState.cut``: the rung rule; ``ranking``: the
+Survivors of ``--grid-search halving`` train as the same members of the full grid, up to the last bits of
+products whose size follows the member count (tests/test_halving.py; docs/protocol.md, "Exactness"), so one
+full-grid run that scores every member on the validation rows at many fractions of the schedule (every 5 %) and
+on the eval store (at the same points; measurement only, never a selection) tells, offline, which member any
+(rungs, keep) would choose, its eval top-1, and its member-steps (optimizer steps summed over the members; these
+are exact, the choice can swap two nearly tied finishers: ``--real`` checks it).
+The simulation uses the search's own code (``SearchState.cut``: the rung rule; ``ranking``: the
 selection rule among the finishers).
 
 A (per config): ``--grid-search halving --halving-rungs R --keep K``, simulated from the trace.
@@ -20,7 +22,7 @@ halving config for real, one after the other (wall time side by side), and check
 the member the simulation says with the member-steps it says (and the real full run the traced run's member).
 
 Traces are appended to ``--traces`` (JSON lines, one per store × seed; a line already there for the same store,
-seed, heads and step floor is reused, so runs can be split and resumed); ``--offline`` only re-reads them.
+seed, heads, step floor and epochs is reused, so runs can be split and resumed); ``--offline`` only re-reads them.
 Stores: ``--pair TRAIN EVAL`` (repeatable), or by default the digits store (scikit-learn's digits, random-init
 vit_tiny at 64 px, built in --workdir).
 """
@@ -89,7 +91,8 @@ def traced(train: str, test: str, a, seed: int) -> dict:
     trace = Trace(FRACTIONS)
     recs, secs = probe(train, test, a, seed, trace=trace)
     return {"train": train, "eval": test, "seed": seed, "heads": a.heads, "min_steps": a.min_steps,
-            "total": trace.total, "members": len(recs[0]["grid"]), "seconds": secs, "load": _bench.load_now(),
+            "epochs": a.epochs, "total": trace.total, "members": len(recs[0]["grid"]), "seconds": secs,
+            "load": _bench.load_now(),
             "records": {r["head"]: {"chosen": r["chosen"]["member"], "eval_top1": r["metrics"]["eval_top1"],
                                     "train_seconds": r["timings"]["train_seconds"]} for r in recs},
             "scores": trace.scores}
@@ -257,8 +260,9 @@ def main(argv=None):
         with fx.workdir(a.workdir, "grid-search") as tmp:
             for train, test in a.pair or [digits_stores(tmp)]:
                 for seed in (int(s) for s in a.seeds.split(",")):
-                    key = (train, seed, a.heads, a.min_steps)
-                    line = next((t for t in lines if (t["train"], t["seed"], t["heads"], t["min_steps"]) == key), None)
+                    key = (train, seed, a.heads, a.min_steps, a.epochs)
+                    line = next((t for t in lines if (t["train"], t["seed"], t["heads"], t["min_steps"],
+                                                      t.get("epochs", 10)) == key), None)
                     if line is None:
                         line = json.loads(json.dumps(traced(train, test, a, seed)))
                         with open(files[0], "a", encoding="utf-8") as f:

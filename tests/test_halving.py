@@ -180,6 +180,19 @@ def test_records_say_where_each_member_stopped(tmp_path, cli):
     assert stopped.sum() >= 6 and np.isfinite(m).all()
     code, _, err = cli(*args, "--grid-search", "halving", "--keep", "1.5")
     assert code != 0 and "--keep: 1.5" in err and "Traceback" not in err
+    code, _, err = cli(*args, "--grid-search", "halving", "--halving-rungs", "0.2,0.201")  # one step, two rungs
+    assert code != 0 and "--halving-rungs 0.2,0.201" in err and "Traceback" not in err
+    # a full grid's records of the same heads and seeds: another row of the table, never averaged as seeds
+    from mimprobe.report.tables import build_table
+
+    full = tmp_path / "full.jsonl"
+    code, _, err = cli(*[full if a == out else a for a in args])
+    assert code == 0, err
+    both = recs + [json.loads(line) for line in open(full)]
+    t = build_table(both)
+    assert len(t.rows) == 2 and all(len(t.cells[(k, h)]) == 2 for k in t.rows for h in ("abmilp", "max"))
+    assert [k[-1] for k in t.rows] == ["val split of train, halving 0.2,0.5 keep 0.25", "val split of train"]
+    assert len(sweep_grids(both, "abmilp")) == 2
 
 
 def test_suite_evaluations_take_the_search(tmp_path):

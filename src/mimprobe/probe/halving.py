@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mimprobe.errors import UserError
 from mimprobe.probe.options import DEFAULT_KEEP, DEFAULT_RUNGS
 
 
@@ -40,8 +41,16 @@ class Halving:
     keep: float = DEFAULT_KEEP
 
     def steps(self, total: int) -> list[int]:
-        """The optimizer steps after which a rung scores and cuts the grid (distinct, inside the run)."""
-        return sorted({s for s in (int(round(r * total)) for r in self.rungs) if 0 < s < total})
+        """The optimizer steps after which each rung scores and cuts the grid, one per rung: a schedule too short
+        to give every rung its own step inside the run is an error (rung numbers in the records must be the
+        rungs asked for)."""
+        steps = [int(round(r * total)) for r in self.rungs]
+        if len(set(steps)) < len(steps) or not all(0 < s < total for s in steps):
+            rungs = ",".join(f"{r:g}" for r in self.rungs)
+            raise UserError(f"--halving-rungs {rungs}: a {total}-step schedule puts them at steps "
+                            f"{', '.join(map(str, steps))}; each rung needs its own step after 0 and before "
+                            f"{total}: choose rungs further apart or train longer (--min-steps)")
+        return steps
 
     def describe(self) -> dict:
         return {"kind": "halving", "rungs": list(self.rungs), "keep": self.keep,

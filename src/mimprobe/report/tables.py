@@ -75,6 +75,9 @@ def row_key(r: dict) -> tuple:
     dataset = f"{_dataset_label(ds)} → {_dataset_label(ev) or '?'} ({ev.get('num_samples', '?')})"
     tokens = "final-norm" if p["tokens"].startswith("final") else "raw"
     selection = "fixed lr/wd" if p["selection"].startswith("none") else "val split of train"
+    search = (r.get("training") or {}).get("search") or {}
+    if search.get("kind") == "halving":  # another selection: never averaged with a full grid's records
+        selection += f", halving {','.join(f'{x:g}' for x in search['rungs'])} keep {search['keep']:.3g}"
     dtype = r["train_store"].get("dtype") or "?"
     online = p.get("online")  # probe --online: its own row, never averaged with cached rows
     views = ("online" if online.get("augment", True) else "online (center crop)") if online else str(p.get("views", 0))

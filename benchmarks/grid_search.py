@@ -224,7 +224,7 @@ def by_head(searches: list[dict], names: list[str]) -> list[dict]:
                 row["seeds"].append(r["seed"])
                 row["full_top1"].append(r["full_top1"])
             row["delta_points"].setdefault(s["search"], []).append(r["delta_points"])
-    print(f"| store | head | seeds | full grid top-1 | " + " | ".join(f"Δ {n}" for n in names) + " |\n"
+    print("| store | head | seeds | full grid top-1 | " + " | ".join(f"Δ {n}" for n in names) + " |\n"
           "|---|---|---|---:|" + "---:|" * len(names), file=sys.stderr)
     for row in rows.values():
         cells = (f"{np.mean(row['delta_points'][n]):+.2f} (worst {min(row['delta_points'][n]):+.2f})" for n in names)

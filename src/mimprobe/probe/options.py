@@ -93,9 +93,9 @@ class ProbeOptions:
                               check=a_list(an_int(1)), suite="evaluations.knn_k")
     knn_t: list[float] = option([DINO_T], "kNN heads: temperatures of the weighted vote, comma list", kind="list",
                                 item=float, check=a_list(positive), suite="evaluations.knn_t")
-    knn_vote: list[str] = option(list(DEFAULT_VOTES), "kNN heads: votes scored, comma list: weighted (DINO's, exp(s/T)) "
-                                 "and/or majority (1 per neighbour)", kind="list", check=a_list(one_of(*VOTES),
-                                 unique=True), suite="evaluations.knn_vote")
+    knn_vote: list[str] = option(list(DEFAULT_VOTES), "kNN heads: votes scored, comma list: weighted (DINO's, "
+                                 "exp(s/T)) and/or majority (1 per neighbour)", kind="list",
+                                 check=a_list(one_of(*VOTES), unique=True), suite="evaluations.knn_vote")
     pool_from: list[str] = option([], "kNN over the pooled vector of a saved head (a --save-heads directory), "
                                   "repeatable", kind="repeat", flags=("--pool-from",))
     memory: int = option(DEFAULT_MEMORY, "memory budget of a kNN search, e.g. 512M, 4G", kind="size", check=a_size, suite="probe.memory",
